@@ -1,0 +1,357 @@
+"""GPT-2 and Llama-3 Transformers as pure functions over one parameter pytree.
+
+    params = init_params(cfg, rng)
+    logits_BxTxV, cache = forward(cfg, params, tokens_BxT, positions=..., cache=...)
+
+`cfg.family` selects the block: "gpt2" (learned positions, LayerNorm with bias,
+GELU(tanh) MLP, biases everywhere, tied embeddings) or "llama" (RoPE with the
+Llama-3.1 frequency scaling, RMSNorm, SwiGLU, grouped-query attention, no biases,
+tied or untied embeddings). Layers are stored stacked on a leading `layers` axis
+whether or not they are scanned, so checkpoints do not depend on `scan_layers`.
+
+Shape legend for tensor names:
+    B batch          T query length        S key/value (cache) length
+    D model width    N query heads         K key/value heads        H head dim
+    F MLP hidden     V vocabulary          L layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from llm.config import ModelConfig
+from llm.sharding import constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, one per dimension
+    init: Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+
+def _normal(std: float):
+    return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+
+
+def _zeros(key, shape):
+    return jnp.zeros(shape, jnp.float32)
+
+
+def _ones(key, shape):
+    return jnp.ones(shape, jnp.float32)
+
+
+def _norm_specs(cfg: ModelConfig, stacked: bool) -> dict[str, ParamSpec]:
+    lead, lead_axes = ((cfg.n_layer,), ("layers",)) if stacked else ((), ())
+    specs = {"scale": ParamSpec(lead + (cfg.n_embd,), lead_axes + ("embed",), _ones)}
+    if cfg.family == "gpt2":
+        specs["bias"] = ParamSpec(lead + (cfg.n_embd,), lead_axes + ("embed",), _zeros)
+    return specs
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """Shape, logical axes and initialiser of every parameter, in the params pytree layout."""
+    L, D, N, K, H, F, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+    std = cfg.init_std
+    # GPT-2's scaling of the residual projections keeps the residual stream's variance flat in depth.
+    out_std = std / math.sqrt(2 * L)
+    gpt2 = cfg.family == "gpt2"
+
+    attn = {
+        "q": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim"), _normal(std)),
+        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), _normal(std)),
+        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), _normal(std)),
+        "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), _normal(out_std)),
+    }
+    if gpt2:
+        attn |= {
+            "q_bias": ParamSpec((L, N, H), ("layers", "heads", "head_dim"), _zeros),
+            "k_bias": ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), _zeros),
+            "v_bias": ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), _zeros),
+            "o_bias": ParamSpec((L, D), ("layers", "embed"), _zeros),
+        }
+    if cfg.qk_norm:
+        attn |= {
+            "q_norm": ParamSpec((L, H), ("layers", "head_dim"), _ones),
+            "k_norm": ParamSpec((L, H), ("layers", "head_dim"), _ones),
+        }
+    if gpt2:
+        mlp = {
+            "fc": ParamSpec((L, D, F), ("layers", "embed", "mlp"), _normal(std)),
+            "fc_bias": ParamSpec((L, F), ("layers", "mlp"), _zeros),
+            "proj": ParamSpec((L, F, D), ("layers", "mlp", "embed"), _normal(out_std)),
+            "proj_bias": ParamSpec((L, D), ("layers", "embed"), _zeros),
+        }
+    else:
+        mlp = {
+            "gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), _normal(std)),
+            "up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), _normal(std)),
+            "down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), _normal(out_std)),
+        }
+    specs: Params = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), _normal(std)),
+        "blocks": {
+            "attn_norm": _norm_specs(cfg, stacked=True),
+            "attn": attn,
+            "mlp_norm": _norm_specs(cfg, stacked=True),
+            "mlp": mlp,
+        },
+        "final_norm": _norm_specs(cfg, stacked=False),
+    }
+    if gpt2:
+        specs["pos_embed"] = ParamSpec((cfg.max_seq_len, D), (None, "embed"), _normal(0.01))
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), _normal(std))
+    return specs
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Freshly initialised float32 parameters (call under `sharding.init_sharded` to shard)."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(rng, len(leaves))
+    return jax.tree.unflatten(treedef, [s.init(k, s.shape) for s, k in zip(leaves, keys)])
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every parameter, in the params pytree layout."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    if cfg.dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(cfg.dtype)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache holding `max_len` positions per row."""
+    if max_len > cfg.max_seq_len and cfg.family == "gpt2":
+        raise ValueError(f"cache length {max_len} exceeds GPT-2's {cfg.max_seq_len} learned positions")
+    shape = (cfg.n_layer, batch, max_len, cfg.n_kv_head, cfg.head_dim)
+    dtype = dtype or compute_dtype(cfg)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BxT: jax.Array,
+    *,
+    positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
+    cache: Cache | None = None,
+) -> tuple[jax.Array, Cache | None]:
+    """Float32 logits for every position, and the updated KV cache when one is given.
+
+    Without a cache: causal self-attention over `tokens_BxT`; `segment_ids_BxT`
+    (packed documents) additionally stops attention across document boundaries.
+    With a cache: the new keys/values are written at `positions_BxT` (contiguous
+    per row) and each query attends to every cache slot at or before its position,
+    so prefill and one-token decode are the same call.
+    """
+    B, T = tokens_BxT.shape
+    dtype = compute_dtype(cfg)
+    if positions_BxT is None:
+        if cache is not None:
+            raise ValueError("forward with a cache needs positions_BxT (where the new tokens go)")
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if cache is None and T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
+
+    x_BxTxD = params["embed"].astype(dtype)[tokens_BxT]
+    if cfg.family == "gpt2":
+        x_BxTxD = x_BxTxD + params["pos_embed"].astype(dtype)[positions_BxT]
+    x_BxTxD = constrain(x_BxTxD, ("batch", "seq", None))
+
+    rope = _rope_tables(cfg, positions_BxT) if cfg.family == "llama" else None
+    if cache is not None:
+        S = cache["k"].shape[2]
+        # A query at position p sees cache slots 0..p: earlier tokens, and itself once written.
+        mask_Bx1xTxS = (jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None])[:, None]
+    elif segment_ids_BxT is not None:
+        mask_Bx1xTxS = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+    else:
+        mask_Bx1xTxS = None
+    context = dict(positions_BxT=positions_BxT, rope=rope, mask_Bx1xTxS=mask_Bx1xTxS)
+
+    block = functools.partial(_block, cfg, context)
+    if cfg.remat != "none":
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    layer_cache = None if cache is None else (cache["k"], cache["v"])
+    if cfg.scan_layers:
+        x_BxTxD, new_kv = jax.lax.scan(block, x_BxTxD, (params["blocks"], layer_cache))
+    else:
+        outs = []
+        for i in range(cfg.n_layer):
+            layer = jax.tree.map(lambda a: a[i], (params["blocks"], layer_cache))
+            x_BxTxD, kv = block(x_BxTxD, layer)
+            outs.append(kv)
+        new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    x_BxTxD = _norm(cfg, params["final_norm"], x_BxTxD)
+    head_DxV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    logits_BxTxV = jnp.einsum(
+        "btd,dv->btv", x_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32
+    )
+    logits_BxTxV = constrain(logits_BxTxV, ("batch", "seq", "vocab"))
+    if cfg.logit_softcap:
+        logits_BxTxV = cfg.logit_softcap * jnp.tanh(logits_BxTxV / cfg.logit_softcap)
+    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    return logits_BxTxV, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block(cfg: ModelConfig, context: dict, x_BxTxD: jax.Array, layer: tuple) -> tuple[jax.Array, Any]:
+    """One pre-norm Transformer block; `layer` is (this layer's params, its (k, v) cache or None)."""
+    p, kv_cache = layer
+    x_BxTxD = constrain(x_BxTxD, ("batch", "seq", None))
+    attn_out_BxTxD, new_kv = _attention(cfg, context, p["attn"], _norm(cfg, p["attn_norm"], x_BxTxD), kv_cache)
+    x_BxTxD = x_BxTxD + attn_out_BxTxD
+    x_BxTxD = x_BxTxD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BxTxD))
+    return x_BxTxD, new_kv
+
+
+def _norm(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    """LayerNorm (gpt2) or RMSNorm (llama), computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    if cfg.family == "gpt2":
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * p["scale"] + p["bias"]
+    else:
+        y = _rms(x32, cfg.norm_eps) * p["scale"]
+    return y.astype(x.dtype)
+
+
+def _rms(x32: jax.Array, eps: float) -> jax.Array:
+    return x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+
+
+def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, kv_cache: Any):
+    dtype = h_BxTxD.dtype
+    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", h_BxTxD, p["q"].astype(dtype))
+    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", h_BxTxD, p["k"].astype(dtype))
+    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", h_BxTxD, p["v"].astype(dtype))
+    if cfg.family == "gpt2":
+        q_BxTxNxH += p["q_bias"].astype(dtype)
+        k_BxTxKxH += p["k_bias"].astype(dtype)
+        v_BxTxKxH += p["v_bias"].astype(dtype)
+    if cfg.qk_norm:
+        q_BxTxNxH = (_rms(q_BxTxNxH.astype(jnp.float32), cfg.norm_eps) * p["q_norm"]).astype(dtype)
+        k_BxTxKxH = (_rms(k_BxTxKxH.astype(jnp.float32), cfg.norm_eps) * p["k_norm"]).astype(dtype)
+    if context["rope"] is not None:
+        q_BxTxNxH = _apply_rope(q_BxTxNxH, *context["rope"])
+        k_BxTxKxH = _apply_rope(k_BxTxKxH, *context["rope"])
+    q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "seq", "heads", None))
+    k_BxTxKxH = constrain(k_BxTxKxH, ("batch", "seq", "kv_heads", None))
+    v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "seq", "kv_heads", None))
+
+    if kv_cache is None:
+        new_kv = None
+        impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=context["mask_Bx1xTxS"], is_causal=True, implementation=impl
+        )
+    else:
+        k_cache_BxSxKxH, v_cache_BxSxKxH = kv_cache
+        start_B = context["positions_BxT"][:, 0]
+        write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), s, axis=0))
+        k_cache_BxSxKxH = write(k_cache_BxSxKxH, k_BxTxKxH, start_B)
+        v_cache_BxSxKxH = write(v_cache_BxSxKxH, v_BxTxKxH, start_B)
+        new_kv = (k_cache_BxSxKxH, v_cache_BxSxKxH)
+        # The cache mask already encodes causality at arbitrary offsets; XLA handles any shape.
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_cache_BxSxKxH.astype(dtype), v_cache_BxSxKxH.astype(dtype),
+            mask=context["mask_Bx1xTxS"], implementation="xla",
+        )
+    out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, p["o"].astype(dtype))
+    if cfg.family == "gpt2":
+        out_BxTxD += p["o_bias"].astype(dtype)
+    return out_BxTxD, new_kv
+
+
+def _mlp(cfg: ModelConfig, p: Params, h_BxTxD: jax.Array) -> jax.Array:
+    dtype = h_BxTxD.dtype
+    if cfg.family == "gpt2":
+        hidden_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, p["fc"].astype(dtype)) + p["fc_bias"].astype(dtype)
+        hidden_BxTxF = jax.nn.gelu(hidden_BxTxF, approximate=True)
+    else:
+        gate_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, p["gate"].astype(dtype))
+        up_BxTxF = jnp.einsum("btd,df->btf", h_BxTxD, p["up"].astype(dtype))
+        hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "seq", "mlp"))
+    out_BxTxD = jnp.einsum("btf,fd->btd", hidden_BxTxF, p["proj" if cfg.family == "gpt2" else "down"].astype(dtype))
+    if cfg.family == "gpt2":
+        out_BxTxD += p["proj_bias"].astype(dtype)
+    return out_BxTxD
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies of RoPE, with Llama-3.1's scaling when `rope_factor` > 1.
+
+    Llama 3.1 (Meta's `apply_scaling`): wavelengths longer than
+    `original_max_len / low_freq_factor` are stretched by `rope_factor`, those shorter
+    than `original_max_len / high_freq_factor` are kept, and the band between is
+    interpolated linearly in 1/wavelength.
+    """
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    if cfg.rope_factor == 1.0:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    high_freq_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+    is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return jnp.where(is_medium, interpolated, scaled)
+
+
+def _rope_tables(cfg: ModelConfig, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(cfg)
+    return jnp.cos(angles_BxTxH2), jnp.sin(angles_BxTxH2)
+
+
+def _apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH2: jax.Array, sin_BxTxH2: jax.Array) -> jax.Array:
+    """Rotates the two halves of each head: the Hugging Face layout, whose q/k weights are permuted from Meta's interleaved pairs."""
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_BxTxH2[:, :, None, :], sin_BxTxH2[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxTxNxH.dtype)

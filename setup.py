@@ -1,0 +1,37 @@
+"""Installs the `llm` package: a JAX/Flax language-model codebase from data to chat."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llm",
+    version="0.1.0",
+    description="GPT-2 and Llama-3 style language models in JAX: pretrain, fine-tune, RL, evaluate, release.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llm", "llm.*", "launch", "launch.*"]),
+    package_data={"llm": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12,<0.13",
+        "grain>=0.2.18",
+        "tiktoken>=0.14",
+        "rustbpe>=0.1",
+        "ml-collections>=1.1",
+        "absl-py",
+        "numpy>=2.0",
+        "pyarrow>=20",
+        "safetensors>=0.6",
+        "huggingface-hub>=1.0",
+        "tqdm",
+    ],
+    extras_require={
+        # The CPU reference stack for parity tests. torch is pinned to the release that
+        # has a CPU wheel on the build machines; an unpinned torch drags in CUDA wheels.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6"],
+        "bench": ["tokenizers>=0.22"],
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+    },
+)
