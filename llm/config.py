@@ -200,3 +200,28 @@ def _check_key_exists(config: ml_collections.ConfigDict, dotted: str) -> None:
             raise ValueError(f"unknown config key {dotted!r}: {where} has no field {key!r}{suggestion}")
         node = node[key]
         walked.append(key)
+
+
+def config_from_argv(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Splits `--config PATH` and `--config.*=value` out of argv; returns the config and the other args."""
+    path, overrides, rest = None, [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            if not args:
+                raise ValueError("--config needs a path to a configs/*.py file")
+            path = args.pop(0)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif _OVERRIDE.match(arg.split("=", 1)[0]):
+            if "=" not in arg:  # "--config.model.n_layer 12"
+                if not args:
+                    raise ValueError(f"{arg} needs a value")
+                arg = f"{arg}={args.pop(0)}"
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+    if path is None:
+        raise ValueError("missing --config=configs/NAME.py")
+    return load_config(path, overrides), rest
