@@ -25,6 +25,7 @@ setup(
         "safetensors>=0.6",
         "huggingface-hub>=1.0",
         "tqdm",
+        "bm25s>=0.2",  # the search tool's index
     ],
     extras_require={
         # The CPU reference stack for parity tests. torch is pinned to the release that

@@ -1,0 +1,267 @@
+"""KV-cache sampling engine: batched prompts, every sampling control, stop strings, tool calls.
+
+    engine = Engine(cfg, params, tokenizer, tools={"python": Calculator()})
+    samples = engine.generate([prompt_ids], SamplingParams(temperature=0.8, top_p=0.95, n=4))
+
+One jitted step serves prefill (all prompt tokens at once) and decode (one token
+per row): run the model over the new tokens with the cache, then sample the next
+token of every row on device. Shapes are bucketed (batch to a power of two,
+lengths to powers of two), so a step compiles once per bucket, and the sampling
+knobs are traced values, so changing them never recompiles. The host loop only
+reads one token per row per step, to apply stop conditions and tool calls.
+
+Shape legend: B batch rows (prompts x samples), T new tokens, S cache length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm import model
+from llm.config import ModelConfig
+from llm.tokenizer import tool_tokens
+from llm.tools import Tool
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0  # 1 keeps every token
+    repetition_penalty: float = 1.0  # 1 is off; CTRL's rule, as in transformers
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    n: int = 1  # samples per prompt
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ValueError(f"max_new_tokens and n must be >= 1, got {self.max_new_tokens} and {self.n}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError(f"invalid sampling controls: {self}")
+
+
+@dataclasses.dataclass
+class Sample:
+    tokens: list[int]  # everything after the prompt, forced tool outputs and the stop token included
+    logprobs: list[float]  # the model's log-probability (temperature 1, unfiltered) of each token; 0 where forced
+    forced: list[bool]  # True for tokens the engine wrote (tool outputs), False for sampled ones
+    finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens), "context" (model context full)
+    text: str = ""  # the decoded sample, cut before a stop string; empty without a tokenizer
+
+
+# ----------------------------------------------------------------------------- sampling math
+
+
+def process_logits(
+    logits_BxV: jax.Array,
+    *,
+    temperature: jax.Array | float = 1.0,
+    top_k: jax.Array | int = 0,
+    top_p: jax.Array | float = 1.0,
+    repetition_penalty: jax.Array | float = 1.0,
+    seen_BxV: jax.Array | None = None,
+) -> jax.Array:
+    """The logits actually sampled from: penalised, tempered, and -inf outside top-k / top-p.
+
+    Order and rules follow `transformers`: repetition penalty (CTRL, Keskar et al.
+    2019: a seen token's logit is divided by the penalty if positive, multiplied if
+    negative), then temperature, then top-k, then top-p, which keeps the smallest
+    set of most likely tokens whose probability reaches `top_p` (tokens tied with
+    the last one kept are kept too). Temperature 0 leaves the logits for argmax.
+    """
+    x_BxV = logits_BxV.astype(jnp.float32)
+    if seen_BxV is not None:
+        penalised = jnp.where(x_BxV > 0, x_BxV / repetition_penalty, x_BxV * repetition_penalty)
+        x_BxV = jnp.where(seen_BxV, penalised, x_BxV)
+    x_BxV = x_BxV / jnp.where(temperature > 0, temperature, 1.0)
+    V = x_BxV.shape[-1]
+    desc_BxV = -jnp.sort(-x_BxV, axis=-1)
+    kth_Bx1 = jnp.take(desc_BxV, jnp.clip(top_k, 1, V) - 1, axis=-1)[:, None]
+    x_BxV = jnp.where((top_k > 0) & (x_BxV < kth_Bx1), -jnp.inf, x_BxV)
+    desc_BxV = jnp.where((top_k > 0) & (desc_BxV < kth_Bx1), -jnp.inf, desc_BxV)
+    probs_BxV = jax.nn.softmax(desc_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    n_keep_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
+    threshold_Bx1 = jnp.take_along_axis(desc_BxV, n_keep_B[:, None] - 1, axis=-1)
+    return jnp.where((top_p < 1.0) & (x_BxV < threshold_Bx1), -jnp.inf, x_BxV)
+
+
+def sample_tokens(key: jax.Array, logits_BxV: jax.Array, temperature: jax.Array | float = 1.0, **controls) -> jax.Array:
+    """One token per row: argmax at temperature 0, else a draw from `process_logits`."""
+    x_BxV = process_logits(logits_BxV, temperature=temperature, **controls)
+    drawn_B = jax.random.categorical(key, x_BxV, axis=-1)
+    return jnp.where(temperature > 0, drawn_B, jnp.argmax(x_BxV, axis=-1)).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the jitted step
+
+
+def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, controls):
+    """Runs the new tokens through the model and samples each row's next token.
+
+    `last_B` indexes each row's last real token within T (prefill rows are right-padded).
+    Returns (next token, its log-probability, cache, seen-token mask).
+    """
+    logits_BxTxV, cache = model.forward(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
+    B, T = tokens_BxT.shape
+    logits_BxV = logits_BxTxV[jnp.arange(B), last_B]
+    real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
+    seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
+    next_B = sample_tokens(key, logits_BxV, seen_BxV=seen_BxV, **controls)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), next_B[:, None], axis=-1)[:, 0]
+    return next_B, logprob_B, cache, seen_BxV
+
+
+def _bucket(n: int, cap: int | None = None, minimum: int = 1) -> int:
+    size = max(minimum, 1 << max(0, n - 1).bit_length())
+    return min(size, cap) if cap else size
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Samples from one model; `tokenizer` is needed for stop strings, tool calls and `text`."""
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer=None, tools: Mapping[str, Tool] | None = None):
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.tools = dict(tools or {})
+        if self.tools and tokenizer is None:
+            raise ValueError("tool calls need a tokenizer (to read calls and write outputs)")
+        self._tool_ids = {}  # call-start id -> (tool name, call-end id, output-start id, output-end id)
+        for name in self.tools:
+            call_start, call_end, out_start, out_end = (tokenizer.token_id(t) for t in tool_tokens(name))
+            self._tool_ids[call_start] = (name, call_end, out_start, out_end)
+        self._step = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5))
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams = SamplingParams(),
+        on_token: Callable[[int, int, int], None] | None = None,
+    ) -> list[list[Sample]]:
+        """`sampling.n` samples for each prompt; `on_token(prompt_index, sample_index, token)` streams."""
+        if not prompts:
+            return []
+        if sampling.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        context = self.cfg.max_seq_len
+        for i, prompt in enumerate(prompts):
+            if not len(prompt):
+                raise ValueError(f"prompt {i} is empty; start it with a document separator or BOS token")
+            if len(prompt) >= context:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens but the model's context is {context}: "
+                    f"no room to generate; shorten the prompt to at most {context - 1} tokens"
+                )
+        rows = [_Row(i, j, list(prompts[i])) for i in range(len(prompts)) for j in range(sampling.n)]
+        B = _bucket(len(rows))
+        longest = max(len(r.prompt) for r in rows)
+        S = _bucket(longest + sampling.max_new_tokens, cap=context, minimum=16)
+        P = _bucket(longest, cap=S, minimum=16)
+
+        tokens_BxP = np.zeros((B, P), np.int32)
+        last_B = np.zeros(B, np.int32)
+        for b, row in enumerate(rows):
+            tokens_BxP[b, : len(row.prompt)] = row.prompt
+            last_B[b] = len(row.prompt) - 1
+        controls = dict(
+            temperature=jnp.float32(sampling.temperature), top_k=jnp.int32(sampling.top_k),
+            top_p=jnp.float32(sampling.top_p), repetition_penalty=jnp.float32(sampling.repetition_penalty),
+        )
+        key = jax.random.key(sampling.seed)
+        cache = model.init_cache(self.cfg, B, S)
+        seen_BxV = jnp.zeros((B, self.cfg.vocab_size), bool)
+        positions_BxP = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
+        next_B, logprob_B, cache, seen_BxV = self._step(
+            self.params, cache, tokens_BxP, positions_BxP, last_B, seen_BxV, jax.random.fold_in(key, 0), controls
+        )
+        position_B = last_B + 1  # where each row's next token goes
+        for step in range(1, sampling.max_new_tokens + 1):
+            sampled, logprobs = np.asarray(next_B), np.asarray(logprob_B)
+            fed_B = np.zeros(B, np.int32)
+            for b, row in enumerate(rows):
+                if row.finish_reason is None:
+                    token = self._advance(row, int(sampled[b]), float(logprobs[b]), sampling, context, S)
+                    if on_token is not None:
+                        on_token(row.prompt_index, row.sample_index, token)
+                fed_B[b] = row.tokens[-1] if row.finish_reason is None else 0
+            if all(row.finish_reason is not None for row in rows):
+                break
+            active_B = np.array([r.finish_reason is None for r in rows] + [False] * (B - len(rows)))
+            next_B, logprob_B, cache, seen_BxV = self._step(
+                self.params, cache, fed_B[:, None], np.where(active_B, position_B, S - 1)[:, None].astype(np.int32),
+                np.zeros(B, np.int32), seen_BxV, jax.random.fold_in(key, step), controls,
+            )
+            position_B = position_B + active_B
+        return [[self._finish(r, sampling) for r in rows if r.prompt_index == i] for i in range(len(prompts))]
+
+    def _advance(self, row: _Row, sampled: int, logprob: float, sampling: SamplingParams, context: int, S: int) -> int:
+        """Appends the row's next token (a forced tool-output token, or the sampled one); sets finish_reason."""
+        if row.forced_queue:
+            token, forced, logprob = row.forced_queue.pop(0), True, 0.0
+        else:
+            token, forced = sampled, False
+        row.tokens.append(token)
+        row.logprobs.append(logprob)
+        row.forced.append(forced)
+        if self.tokenizer is not None:
+            row.text_bytes += self.tokenizer.decode_bytes([token])
+        if not forced:
+            if token in sampling.stop_token_ids:
+                row.finish_reason = "stop"
+            elif row.tool_call is not None:
+                self._collect_tool_call(row, token)
+            elif token in self._tool_ids:
+                row.tool_call = (self._tool_ids[token], [])
+        if row.finish_reason is None and sampling.stop_strings:
+            text = row.text_bytes.decode("utf-8", errors="replace")
+            if any(stop in text for stop in sampling.stop_strings):
+                row.finish_reason = "stop"
+        total = len(row.prompt) + len(row.tokens)
+        if row.finish_reason is None and len(row.tokens) >= sampling.max_new_tokens:
+            row.finish_reason = "length"
+        if row.finish_reason is None and total >= min(context, S):
+            row.finish_reason = "context" if total >= context else "length"
+        return token
+
+    def _collect_tool_call(self, row: _Row, token: int) -> None:
+        (name, call_end, out_start, out_end), call_tokens = row.tool_call
+        if token != call_end:
+            call_tokens.append(token)
+            return
+        row.tool_call = None
+        result = self.tools[name](self.tokenizer.decode(call_tokens))
+        # Output text is encoded as ordinary text: a tool cannot forge control tokens either.
+        row.forced_queue = [out_start, *self.tokenizer.encode(result), out_end]
+
+    def _finish(self, row: _Row, sampling: SamplingParams) -> Sample:
+        text = ""
+        if self.tokenizer is not None:
+            ids = row.tokens[:-1] if row.tokens and row.tokens[-1] in sampling.stop_token_ids else row.tokens
+            text = self.tokenizer.decode(ids)
+            cuts = [text.find(s) for s in sampling.stop_strings if s in text]
+            text = text[: min(cuts)] if cuts else text
+        return Sample(row.tokens, row.logprobs, row.forced, row.finish_reason or "length", text)
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt_index: int
+    sample_index: int
+    prompt: list[int]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    forced: list[bool] = dataclasses.field(default_factory=list)
+    forced_queue: list[int] = dataclasses.field(default_factory=list)
+    tool_call: tuple | None = None  # ((name, call_end, out_start, out_end), tokens so far) while a call is open
+    text_bytes: bytes = b""
+    finish_reason: str | None = None

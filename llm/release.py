@@ -1,0 +1,73 @@
+"""A released model: one directory with the params, the model config and the tokenizer.
+
+    save_release("release/", cfg, params, tokenizer)
+    cfg, params, tokenizer = load_release("release/")     # or a Hugging Face GPT-2/Llama directory
+
+Files: `model.safetensors` (our params, keys are pytree paths such as
+`blocks/attn/q`), `model_config.json` (the `ModelConfig` fields) and
+`tokenizer.tiktoken` + `tokenizer.json`. Loading needs nothing from training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm import hf
+from llm.config import ModelConfig
+from llm.model import init_params
+from llm.tokenizer import Tokenizer
+
+FORMAT = "llm-release-v1"
+
+
+def save_release(directory: str, cfg: ModelConfig, params: Any, tokenizer: Tokenizer) -> None:
+    """Writes params (float32), config and tokenizer; the directory is loadable by `load_release`."""
+    from safetensors.numpy import save_file
+
+    if tokenizer.n_vocab > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model only {cfg.vocab_size} logits")
+    os.makedirs(directory, exist_ok=True)
+    flat = {_key(path): np.asarray(leaf, np.float32) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    save_file(flat, os.path.join(directory, "model.safetensors"), metadata={"format": FORMAT})
+    with open(os.path.join(directory, "model_config.json"), "w") as f:
+        json.dump({"format": FORMAT, **dataclasses.asdict(cfg)}, f, indent=2)
+    tokenizer.save(os.path.join(directory, "tokenizer.tiktoken"))
+
+
+def load_release(directory: str, tokenizer: str | None = None, **model_overrides: Any) -> tuple[ModelConfig, Any, Tokenizer]:
+    """Our release directory, or a Hugging Face one (then `tokenizer` names its encoding, e.g. "gpt2")."""
+    from safetensors.numpy import load_file
+
+    config_path = os.path.join(directory, "model_config.json")
+    if not os.path.exists(config_path):
+        if os.path.exists(os.path.join(directory, "config.json")):
+            cfg, params = hf.load_hf(directory, **model_overrides)
+            return cfg, params, Tokenizer.load(tokenizer or ("gpt2" if cfg.family == "gpt2" else "o200k_base"))
+        raise FileNotFoundError(f"{directory} holds neither a release (model_config.json) nor a Hugging Face config.json")
+    with open(config_path) as f:
+        fields = json.load(f)
+    if fields.pop("format", None) != FORMAT:
+        raise ValueError(f"{config_path} is not a {FORMAT} model config")
+    cfg = ModelConfig(**{**fields, **model_overrides})
+    flat = load_file(os.path.join(directory, "model.safetensors"))
+    expected = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    leaves = []
+    for path, shape in jax.tree_util.tree_leaves_with_path(expected):
+        key = _key(path)
+        if key not in flat or flat[key].shape != shape.shape:
+            got = flat[key].shape if key in flat else "missing"
+            raise ValueError(f"release parameter {key}: file has {got}, config expects {shape.shape}")
+        leaves.append(jnp.asarray(flat[key]))
+    params = jax.tree.unflatten(jax.tree.structure(expected), leaves)
+    return cfg, params, Tokenizer.load(tokenizer or os.path.join(directory, "tokenizer.tiktoken"))
+
+
+def _key(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")

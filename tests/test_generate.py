@@ -1,0 +1,199 @@
+"""The sampling engine: cache-exact greedy decoding, sampling rules, stop strings, tool calls."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_models import gpt2, llama
+from llm import hf, model
+from llm.config import ModelConfig
+from llm.generate import Engine, SamplingParams, process_logits, sample_tokens
+from llm.tokenizer import Tokenizer, tool_tokens
+from llm.tools import Calculator, Search
+
+SMALL = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_dim=128,
+                    max_seq_len=64, tie_embeddings=False)
+
+
+def test_greedy_with_cache_equals_argmax_of_full_recomputation():
+    params = model.init_params(SMALL, jax.random.key(0))
+    params = jax.tree.map(lambda x: x * 4, params)  # sharper logits: no near-ties between candidates
+    prompts = [[5, 17, 3], [9, 1, 44, 2, 61, 7, 30]]
+    samples = Engine(SMALL, params).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    forward = jax.jit(functools.partial(model.forward, SMALL))
+    for prompt, [sample] in zip(prompts, samples):
+        sequence = list(prompt)
+        for token, logprob in zip(sample.tokens, sample.logprobs):
+            # Right-padded to one shape (one compile); causal attention ignores the padding.
+            logits, _ = forward(params, jnp.array([sequence + [0] * (32 - len(sequence))]))
+            last = logits[0, len(sequence) - 1]
+            assert token == int(jnp.argmax(last))
+            np.testing.assert_allclose(logprob, jax.nn.log_softmax(last)[token], atol=1e-4)
+            sequence.append(token)
+        assert sample.finish_reason == "length" and len(sample.tokens) == 12
+
+
+@pytest.mark.parametrize("make", [gpt2, functools.partial(llama, tie=False, rope_scaling=True)],
+                         ids=["gpt2", "llama"])
+def test_greedy_equals_transformers_generate(make, tmp_path):
+    torch_model = make()
+    torch_model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg, params = hf.load_hf(str(tmp_path))
+    prompt = [3, 14, 15, 92, 65]
+    with torch.no_grad():
+        expected = torch_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                                        pad_token_id=0)[0, len(prompt):].tolist()
+    [[sample]] = Engine(cfg, params).generate([prompt], SamplingParams(temperature=0, max_new_tokens=16))
+    assert sample.tokens == expected
+
+
+def test_top_k_of_one_is_greedy():
+    logits = jax.random.normal(jax.random.key(0), (512, 50))
+    drawn = sample_tokens(jax.random.key(1), logits, temperature=1.5, top_k=1)
+    np.testing.assert_array_equal(drawn, jnp.argmax(logits, -1))
+
+
+def test_top_p_keeps_exactly_the_smallest_set_reaching_p():
+    logits = jax.random.normal(jax.random.key(2), (1, 40)) * 2
+    probs = np.asarray(jax.nn.softmax(logits[0]))
+    order = np.argsort(-probs)
+    for top_p in [0.05, 0.3, 0.5, 0.9, 0.999]:
+        kept = np.flatnonzero(np.isfinite(np.asarray(process_logits(logits, top_p=top_p))[0]))
+        n = int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)  # smallest prefix whose mass >= p
+        assert sorted(kept) == sorted(order[:n]), top_p
+
+
+def test_controls_match_transformers_logits_processors():
+    torch.manual_seed(0)
+    scores = torch.randn(4, 100) * 3
+    input_ids = torch.randint(0, 100, (4, 12))
+    processors = transformers.LogitsProcessorList([
+        transformers.RepetitionPenaltyLogitsProcessor(1.3), transformers.TemperatureLogitsWarper(0.7),
+        transformers.TopKLogitsWarper(20), transformers.TopPLogitsWarper(0.8),
+    ])
+    expected = processors(input_ids, scores.clone()).numpy()
+    seen = np.zeros((4, 100), bool)
+    np.put_along_axis(seen, input_ids.numpy(), True, axis=1)
+    ours = np.asarray(process_logits(jnp.asarray(scores.numpy()), temperature=0.7, top_k=20, top_p=0.8,
+                                     repetition_penalty=1.3, seen_BxV=seen))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+    np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+def test_temperature_sampling_frequencies_follow_softmax_of_scaled_logits():
+    logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 40_000
+    drawn = sample_tokens(jax.random.key(3), jnp.broadcast_to(logits, (n, 5)), temperature=0.5)
+    freq = np.bincount(np.asarray(drawn), minlength=5) / n
+    expected = np.asarray(jax.nn.softmax(logits / 0.5))
+    tolerance = 4 * np.sqrt(expected * (1 - expected) / n)  # four standard errors per token
+    assert np.all(np.abs(freq - expected) < tolerance), (freq, expected)
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    params = model.init_params(SMALL, jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt 1 has 64 tokens but the model's context is 64"):
+        Engine(SMALL, params).generate([[1, 2], [3] * 64], SamplingParams(max_new_tokens=4))
+
+
+def test_generation_stops_at_the_context_with_its_reason():
+    params = model.init_params(SMALL, jax.random.key(0))
+    [[sample]] = Engine(SMALL, params).generate([[1] * 60], SamplingParams(max_new_tokens=50))
+    assert sample.finish_reason == "context" and len(sample.tokens) == 4
+
+
+def test_n_samples_per_prompt_differ_and_are_reproducible():
+    params = model.init_params(SMALL, jax.random.key(0))
+    engine = Engine(SMALL, params)
+    sampling = SamplingParams(max_new_tokens=8, n=4, seed=7)
+    first = engine.generate([[1, 2, 3], [4, 5]], sampling)
+    assert [len(s) for s in first] == [4, 4]
+    assert len({tuple(s.tokens) for s in first[0]}) > 1
+    again = engine.generate([[1, 2, 3], [4, 5]], sampling)
+    assert [[s.tokens for s in p] for p in again] == [[s.tokens for s in p] for p in first]
+
+
+# ----------------------------------------------------------------------------- a scripted model
+
+TOKENIZER = Tokenizer.load("gpt2")
+
+
+def scripted_gpt2(script: dict[int, int], max_seq_len: int = 64):
+    """A real GPT-2 whose weights make the token after position p be `script[p]`.
+
+    Blocks are zeroed, so the residual stream is embed[token] + pos_embed[p]; putting a
+    large multiple of embed[script[p]] in pos_embed[p] makes the tied output head pick it.
+    """
+    cfg = ModelConfig(family="gpt2", vocab_size=TOKENIZER.n_vocab, n_layer=1, n_embd=128, n_head=2, n_kv_head=2,
+                      mlp_dim=8, max_seq_len=max_seq_len)
+    params = jax.tree.map(jnp.zeros_like, model.init_params(cfg, jax.random.key(0)))
+    embed = np.asarray(jax.random.normal(jax.random.key(1), (cfg.vocab_size, cfg.n_embd))) / np.sqrt(cfg.n_embd)
+    pos_embed = np.zeros((max_seq_len, cfg.n_embd), np.float32)
+    for position, token in script.items():
+        pos_embed[position] = 8 * embed[token]
+    params |= {"embed": jnp.asarray(embed), "pos_embed": jnp.asarray(pos_embed),
+               "final_norm": {"scale": jnp.ones(cfg.n_embd), "bias": jnp.zeros(cfg.n_embd)}}
+    return cfg, params
+
+
+def _script(prompt, continuation):
+    """{position: next token} so that the model continues `prompt` with `continuation` (None entries are forced)."""
+    return {len(prompt) - 1 + i: t for i, t in enumerate(continuation) if t is not None}
+
+
+def test_stop_string_split_across_tokens_stops_at_the_right_character():
+    prompt = TOKENIZER.encode("Say:")
+    words = TOKENIZER.encode(" Hello world, again and again")
+    assert TOKENIZER.decode(words[:2]) == " Hello world"  # "lo wo" spans the two tokens
+    cfg, params = scripted_gpt2(_script(prompt, words))
+    [[sample]] = Engine(cfg, params, TOKENIZER).generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_strings=("lo wo",)))
+    assert sample.text == " Hel" and sample.finish_reason == "stop"
+    assert sample.tokens == words[:2]
+
+
+@pytest.mark.parametrize("expression, result", [("2+3*4", "14"), ("__import__('os')", None)])
+def test_scripted_tool_call_gets_the_result_injected(expression, result):
+    call_start, call_end, out_start, out_end = (TOKENIZER.token_id(t) for t in tool_tokens("python"))
+    calculator = Calculator()
+    output = calculator(expression)
+    assert (output == result) if result else output.startswith("Error: Call is not allowed")
+    prompt = TOKENIZER.encode("Q: what is it? A:")
+    call = [call_start, *TOKENIZER.encode(expression), call_end]
+    forced = [out_start, *TOKENIZER.encode(output), out_end]
+    answer = [*TOKENIZER.encode(" Done."), TOKENIZER.eot]
+    # The model emits the call, the engine writes the output (the model's own guesses there
+    # are ignored), then the model answers.
+    cfg, params = scripted_gpt2(_script(prompt, call + [None] * len(forced) + answer))
+    [[sample]] = Engine(cfg, params, TOKENIZER, tools={"python": calculator}).generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=(TOKENIZER.eot,)))
+    assert sample.tokens == call + forced + answer
+    assert sample.forced == [False] * len(call) + [True] * len(forced) + [False] * len(answer)
+    assert sample.finish_reason == "stop"
+    assert sample.text == TOKENIZER.decode(call + forced) + " Done."  # the stop token is not text
+
+
+@pytest.mark.parametrize("expression", [
+    "__import__('os').system('true')", "(1).__class__", "x + 1", "2 ** 10000", "9 ** 9 ** 9",
+    "[i for i in range(10**9)]", "sum(range(10**12))", "1" * 300, "lambda: 0", "(" * 200 + "1" + ")" * 200,
+])
+def test_calculator_refuses_everything_but_bounded_arithmetic(expression):
+    assert Calculator()(expression).startswith("Error: ")
+
+
+def test_calculator_arithmetic():
+    calc = Calculator()
+    assert [calc(e) for e in ["1,234 + 6", "7 / 2", "2 ** 10", "-(3 - 5) * 4", "10 // 3", "10 % 4", "1/0"]] == [
+        "1240", "3.5", "1024", "8", "3", "2", "Error: division by zero"]
+
+
+def test_search_tool_finds_the_relevant_document():
+    search = Search(["The Eiffel Tower is in Paris.", "Mount Fuji is the highest mountain in Japan.",
+                     "JAX transforms numerical functions."], top_k=1)
+    assert search("highest mountain Japan") == "Mount Fuji is the highest mountain in Japan."
+    assert search("zzzz qqqq") == "No results."
