@@ -101,11 +101,7 @@ def time_torch(cfg: ModelConfig, tokens: np.ndarray, steps: int, dtype: str) -> 
     for _ in range(steps):
         loss = step().detach()
     sync()
-    step_s = (time.perf_counter() - start) / steps
-    del net, batch
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return step_s, float(loss), device
+    return (time.perf_counter() - start) / steps, float(loss), device
 
 
 def main() -> None:
@@ -130,6 +126,10 @@ def main() -> None:
 
     if not args.no_torch:  # first, so PyTorch hands its cached memory back before JAX runs
         torch_s, torch_loss, device = time_torch(cfg, tokens, args.steps, args.dtype)
+        if device == "cuda":  # the model died with time_torch's frame; hand its cached memory back
+            import torch
+
+            torch.cuda.empty_cache()
     step_s, compile_s, loss = time_ours(cfg, tokens, args.steps)
     ours_tps = tokens_per_step / step_s
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")

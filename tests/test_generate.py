@@ -10,10 +10,11 @@ import torch
 import transformers
 
 from hf_models import gpt2, llama
+from scripted import TOKENIZER, script, scripted_gpt2
 from llm import hf, model
 from llm.config import ModelConfig
 from llm.generate import Engine, SamplingParams, process_logits, sample_tokens
-from llm.tokenizer import Tokenizer, tool_tokens
+from llm.tokenizer import tool_tokens
 from llm.tools import Calculator, Search
 
 SMALL = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_dim=128,
@@ -118,39 +119,11 @@ def test_n_samples_per_prompt_differ_and_are_reproducible():
     assert [[s.tokens for s in p] for p in again] == [[s.tokens for s in p] for p in first]
 
 
-# ----------------------------------------------------------------------------- a scripted model
-
-TOKENIZER = Tokenizer.load("gpt2")
-
-
-def scripted_gpt2(script: dict[int, int], max_seq_len: int = 64):
-    """A real GPT-2 whose weights make the token after position p be `script[p]`.
-
-    Blocks are zeroed, so the residual stream is embed[token] + pos_embed[p]; putting a
-    large multiple of embed[script[p]] in pos_embed[p] makes the tied output head pick it.
-    """
-    cfg = ModelConfig(family="gpt2", vocab_size=TOKENIZER.n_vocab, n_layer=1, n_embd=128, n_head=2, n_kv_head=2,
-                      mlp_dim=8, max_seq_len=max_seq_len)
-    params = jax.tree.map(jnp.zeros_like, model.init_params(cfg, jax.random.key(0)))
-    embed = np.asarray(jax.random.normal(jax.random.key(1), (cfg.vocab_size, cfg.n_embd))) / np.sqrt(cfg.n_embd)
-    pos_embed = np.zeros((max_seq_len, cfg.n_embd), np.float32)
-    for position, token in script.items():
-        pos_embed[position] = 8 * embed[token]
-    params |= {"embed": jnp.asarray(embed), "pos_embed": jnp.asarray(pos_embed),
-               "final_norm": {"scale": jnp.ones(cfg.n_embd), "bias": jnp.zeros(cfg.n_embd)}}
-    return cfg, params
-
-
-def _script(prompt, continuation):
-    """{position: next token} so that the model continues `prompt` with `continuation` (None entries are forced)."""
-    return {len(prompt) - 1 + i: t for i, t in enumerate(continuation) if t is not None}
-
-
 def test_stop_string_split_across_tokens_stops_at_the_right_character():
     prompt = TOKENIZER.encode("Say:")
     words = TOKENIZER.encode(" Hello world, again and again")
     assert TOKENIZER.decode(words[:2]) == " Hello world"  # "lo wo" spans the two tokens
-    cfg, params = scripted_gpt2(_script(prompt, words))
+    cfg, params = scripted_gpt2(script(prompt, words))
     [[sample]] = Engine(cfg, params, TOKENIZER).generate(
         [prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_strings=("lo wo",)))
     assert sample.text == " Hel" and sample.finish_reason == "stop"
@@ -169,7 +142,7 @@ def test_scripted_tool_call_gets_the_result_injected(expression, result):
     answer = [*TOKENIZER.encode(" Done."), TOKENIZER.eot]
     # The model emits the call, the engine writes the output (the model's own guesses there
     # are ignored), then the model answers.
-    cfg, params = scripted_gpt2(_script(prompt, call + [None] * len(forced) + answer))
+    cfg, params = scripted_gpt2(script(prompt, call + [None] * len(forced) + answer))
     [[sample]] = Engine(cfg, params, TOKENIZER, tools={"python": calculator}).generate(
         [prompt], SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=(TOKENIZER.eot,)))
     assert sample.tokens == call + forced + answer

@@ -1,0 +1,55 @@
+"""Chat with a fine-tuned model in the terminal, with the calculator (and optional search) tools.
+
+    python -m launch.chat --checkpoint runs/sft/release [--system "You are..."] [--search-docs docs.jsonl]
+
+Type a message and press enter; an empty line or Ctrl-D ends the chat. The
+conversation is kept as token ids, so the model sees exactly what it wrote,
+tool calls and their outputs included.
+"""
+
+import argparse
+import sys
+
+from launch import sampling_flags
+from llm.generate import Engine
+from llm.tokenizer import IM_END, read_texts
+from llm.tools import Calculator, Search
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Chat with a fine-tuned model.")
+    sampling_flags.add_arguments(parser, max_new_tokens=512)
+    parser.add_argument("--system", help="a system message opening the conversation")
+    parser.add_argument("--search-docs", help="the search tool's corpus: .jsonl(.gz), one document per line in its 'text' field")
+    args = parser.parse_args(argv)
+    cfg, params, tokenizer = sampling_flags.load(args)
+    tools = {"python": Calculator()}
+    if args.search_docs:
+        tools["search"] = Search(list(read_texts(args.search_docs)))
+    engine = Engine(cfg, params, tokenizer, tools=tools)
+    im_end = tokenizer.token_id(IM_END)
+    sampling = sampling_flags.sampling_params(args, stop_token_ids=(im_end, tokenizer.eot))
+
+    history: list[int] = []
+    pending = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            user = input("\nuser> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        prompt = history + tokenizer.render_for_completion([*pending, {"role": "user", "content": user}])
+        pending = []
+        if len(prompt) >= cfg.max_seq_len:
+            sys.exit(f"the conversation has reached the model's context of {cfg.max_seq_len} tokens")
+        print("assistant> ", end="", flush=True)
+        [[sample]] = engine.generate([prompt], sampling, on_token=sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids))
+        history = prompt + sample.tokens
+        if not sample.tokens or sample.tokens[-1] != im_end:  # close a turn cut short, so the next one is well formed
+            history.append(im_end)
+        print()
+
+
+if __name__ == "__main__":
+    main()

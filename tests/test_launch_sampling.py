@@ -1,0 +1,51 @@
+"""Release directories and the `launch.sample` / `launch.chat` commands, run for real on a scripted model."""
+
+import builtins
+
+import jax
+import numpy as np
+import pytest
+
+from launch import chat, sample
+from llm.release import load_release, save_release
+from llm.tokenizer import IM_END
+from scripted import TOKENIZER, script, scripted_gpt2
+
+
+def test_release_round_trip(tmp_path):
+    cfg, params = scripted_gpt2({0: 5})
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    cfg2, params2, tokenizer2 = load_release(str(tmp_path))
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    assert tokenizer2.encode("round trip <|im_end|>") == TOKENIZER.encode("round trip <|im_end|>")
+
+
+def test_truncated_release_is_a_clear_error(tmp_path):
+    cfg, params = scripted_gpt2({0: 5})
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(Exception, match="(?i)incomplete|invalid|truncat|deserializ"):
+        load_release(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither a release"):
+        load_release(str(tmp_path / "missing"))
+
+
+def test_sample_command_continues_the_prompt(tmp_path, capsys):
+    prompt = [TOKENIZER.eot, *TOKENIZER.encode("Once upon")]
+    cfg, params = scripted_gpt2(script(prompt, [*TOKENIZER.encode(" a time, the end."), TOKENIZER.eot]))
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    sample.main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--temperature", "0"])
+    assert capsys.readouterr().out == "Once upon a time, the end.\n[stop, 7 tokens]\n"
+
+
+def test_chat_command_answers_in_the_chat_format(tmp_path, capsys, monkeypatch):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    prompt = TOKENIZER.render_for_completion(messages)
+    cfg, params = scripted_gpt2(script(prompt, [*TOKENIZER.encode("Hello there!"), TOKENIZER.token_id(IM_END)]))
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    typed = iter(["hi", ""])
+    monkeypatch.setattr(builtins, "input", lambda _: next(typed))
+    chat.main(["--checkpoint", str(tmp_path), "--system", "Be brief.", "--temperature", "0"])
+    assert "assistant> Hello there!\n" in capsys.readouterr().out
