@@ -6,8 +6,9 @@
 One jitted step serves prefill (all prompt tokens at once) and decode (one token
 per row): run the model over the new tokens with the cache, then sample the next
 token of every row on device. Shapes are bucketed (batch to a power of two,
-lengths to powers of two), so a step compiles once per bucket, and the sampling
-knobs are traced values, so changing them never recompiles. The host loop only
+lengths to powers of two), so a step compiles once per bucket; the sampling knobs
+are traced values, so changing them never recompiles, except top-k, whose k is a
+compile-time constant. The host loop only
 reads one token per row per step, to apply stop conditions and tool calls.
 
 Shape legend: B batch rows (prompts x samples), T new tokens, S cache length, V vocabulary.
@@ -60,62 +61,80 @@ class Sample:
 # ----------------------------------------------------------------------------- sampling math
 
 
-def process_logits(
+def _candidates(
     logits_BxV: jax.Array,
     *,
     temperature: jax.Array | float = 1.0,
-    top_k: jax.Array | int = 0,
+    top_k: int = 0,
     top_p: jax.Array | float = 1.0,
     repetition_penalty: jax.Array | float = 1.0,
     seen_BxV: jax.Array | None = None,
-) -> jax.Array:
-    """The logits actually sampled from: penalised, tempered, and -inf outside top-k / top-p.
+) -> tuple[jax.Array, jax.Array]:
+    """The tokens that may be sampled, most likely first, and their processed logits (-inf if cut).
 
     Order and rules follow `transformers`: repetition penalty (CTRL, Keskar et al.
     2019: a seen token's logit is divided by the penalty if positive, multiplied if
     negative), then temperature, then top-k, then top-p, which keeps the smallest
     set of most likely tokens whose probability reaches `top_p` (tokens tied with
-    the last one kept are kept too). Temperature 0 leaves the logits for argmax.
+    the last one kept are kept too; top-k keeps exactly k). Temperature 0 leaves the
+    logits for argmax. `top_k` is a Python int (a compile-time constant) so that
+    `lax.top_k` picks the K candidates without sorting the vocabulary; everything
+    after it, top-p and the draw itself, works on K values instead of V.
     """
     x_BxV = logits_BxV.astype(jnp.float32)
     if seen_BxV is not None:
         penalised = jnp.where(x_BxV > 0, x_BxV / repetition_penalty, x_BxV * repetition_penalty)
         x_BxV = jnp.where(seen_BxV, penalised, x_BxV)
     x_BxV = x_BxV / jnp.where(temperature > 0, temperature, 1.0)
-    V = x_BxV.shape[-1]
-    desc_BxV = -jnp.sort(-x_BxV, axis=-1)
-    kth_Bx1 = jnp.take(desc_BxV, jnp.clip(top_k, 1, V) - 1, axis=-1)[:, None]
-    x_BxV = jnp.where((top_k > 0) & (x_BxV < kth_Bx1), -jnp.inf, x_BxV)
-    desc_BxV = jnp.where((top_k > 0) & (desc_BxV < kth_Bx1), -jnp.inf, desc_BxV)
-    probs_BxV = jax.nn.softmax(desc_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    n_keep_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
-    threshold_Bx1 = jnp.take_along_axis(desc_BxV, n_keep_B[:, None] - 1, axis=-1)
-    return jnp.where((top_p < 1.0) & (x_BxV < threshold_Bx1), -jnp.inf, x_BxV)
+    if top_k:
+        x_BxK, ids_BxK = jax.lax.top_k(x_BxV, min(top_k, x_BxV.shape[-1]))
+    else:  # every token is a candidate; sort them only if top-p needs the order
+
+        def by_probability(x):
+            ids = jnp.argsort(-x, axis=-1).astype(jnp.int32)
+            return jnp.take_along_axis(x, ids, axis=-1), ids
+
+        def as_is(x):
+            return x, jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+
+        x_BxK, ids_BxK = jax.lax.cond(top_p < 1.0, by_probability, as_is, x_BxV)
+    probs_BxK = jax.nn.softmax(x_BxK, axis=-1)
+    mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
+    n_keep_B = jnp.maximum(jnp.sum(mass_before_BxK < top_p, axis=-1), 1)
+    threshold_Bx1 = jnp.take_along_axis(x_BxK, n_keep_B[:, None] - 1, axis=-1)
+    return jnp.where((top_p < 1.0) & (x_BxK < threshold_Bx1), -jnp.inf, x_BxK), ids_BxK
+
+
+def process_logits(logits_BxV: jax.Array, **controls) -> jax.Array:
+    """The logits actually sampled from, over the whole vocabulary: -inf wherever a control cut a token."""
+    x_BxK, ids_BxK = _candidates(logits_BxV, **controls)
+    B = logits_BxV.shape[0]
+    return jnp.full(logits_BxV.shape, -jnp.inf).at[jnp.arange(B)[:, None], ids_BxK].set(x_BxK)
 
 
 def sample_tokens(key: jax.Array, logits_BxV: jax.Array, temperature: jax.Array | float = 1.0, **controls) -> jax.Array:
-    """One token per row: argmax at temperature 0, else a draw from `process_logits`."""
-    x_BxV = process_logits(logits_BxV, temperature=temperature, **controls)
-    drawn_B = jax.random.categorical(key, x_BxV, axis=-1)
-    return jnp.where(temperature > 0, drawn_B, jnp.argmax(x_BxV, axis=-1)).astype(jnp.int32)
+    """One token per row: argmax at temperature 0, else a draw from the candidates' processed logits."""
+    x_BxK, ids_BxK = _candidates(logits_BxV, temperature=temperature, **controls)
+    choice_B = jnp.where(temperature > 0, jax.random.categorical(key, x_BxK, axis=-1), jnp.argmax(x_BxK, axis=-1))
+    return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0]
 
 
 # ----------------------------------------------------------------------------- the jitted step
 
 
-def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, controls):
+def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, step, controls, top_k):
     """Runs the new tokens through the model and samples each row's next token.
 
     `last_B` indexes each row's last real token within T (prefill rows are right-padded).
     Returns (next token, its log-probability, cache, seen-token mask).
     """
-    logits_BxTxV, cache = model.forward(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
+    x_BxTxD, cache = model.hidden_states(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
     B, T = tokens_BxT.shape
-    logits_BxV = logits_BxTxV[jnp.arange(B), last_B]
+    # Only each row's last position is sampled from: the output head runs on B rows, not B*T.
+    logits_BxV = model.output_logits(cfg, params, x_BxTxD[jnp.arange(B), last_B][:, None])[:, 0]
     real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
     seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
-    next_B = sample_tokens(key, logits_BxV, seen_BxV=seen_BxV, **controls)
+    next_B = sample_tokens(jax.random.fold_in(key, step), logits_BxV, seen_BxV=seen_BxV, top_k=top_k, **controls)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), next_B[:, None], axis=-1)[:, 0]
     return next_B, logprob_B, cache, seen_BxV
 
@@ -140,7 +159,7 @@ class Engine:
         for name in self.tools:
             call_start, call_end, out_start, out_end = (tokenizer.token_id(t) for t in tool_tokens(name))
             self._tool_ids[call_start] = (name, call_end, out_start, out_end)
-        self._step = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5))
+        self._step = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5), static_argnames="top_k")
 
     def generate(
         self,
@@ -174,15 +193,16 @@ class Engine:
             tokens_BxP[b, : len(row.prompt)] = row.prompt
             last_B[b] = len(row.prompt) - 1
         controls = dict(
-            temperature=jnp.float32(sampling.temperature), top_k=jnp.int32(sampling.top_k),
-            top_p=jnp.float32(sampling.top_p), repetition_penalty=jnp.float32(sampling.repetition_penalty),
+            temperature=jnp.float32(sampling.temperature), top_p=jnp.float32(sampling.top_p),
+            repetition_penalty=jnp.float32(sampling.repetition_penalty),
         )
         key = jax.random.key(sampling.seed)
         cache = model.init_cache(self.cfg, B, S)
         seen_BxV = jnp.zeros((B, self.cfg.vocab_size), bool)
         positions_BxP = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
         next_B, logprob_B, cache, seen_BxV = self._step(
-            self.params, cache, tokens_BxP, positions_BxP, last_B, seen_BxV, jax.random.fold_in(key, 0), controls
+            self.params, cache, tokens_BxP, positions_BxP, last_B, seen_BxV, key, np.int32(0), controls,
+            top_k=sampling.top_k,
         )
         position_B = last_B + 1  # where each row's next token goes
         for step in range(1, sampling.max_new_tokens + 1):
@@ -199,7 +219,7 @@ class Engine:
             active_B = np.array([r.finish_reason is None for r in rows] + [False] * (B - len(rows)))
             next_B, logprob_B, cache, seen_BxV = self._step(
                 self.params, cache, fed_B[:, None], np.where(active_B, position_B, S - 1)[:, None].astype(np.int32),
-                np.zeros(B, np.int32), seen_BxV, jax.random.fold_in(key, step), controls,
+                np.zeros(B, np.int32), seen_BxV, key, np.int32(step), controls, top_k=sampling.top_k,
             )
             position_B = position_B + active_B
         return [[self._finish(r, sampling) for r in rows if r.prompt_index == i] for i in range(len(prompts))]

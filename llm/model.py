@@ -174,6 +174,22 @@ def forward(
     per row) and each query attends to every cache slot at or before its position,
     so prefill and one-token decode are the same call.
     """
+    x_BxTxD, cache = hidden_states(
+        cfg, params, tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT, cache=cache
+    )
+    return output_logits(cfg, params, x_BxTxD), cache
+
+
+def hidden_states(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BxT: jax.Array,
+    *,
+    positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
+    cache: Cache | None = None,
+) -> tuple[jax.Array, Cache | None]:
+    """The final-norm hidden states `forward` turns into logits (a sampler or reward head picks rows first)."""
     B, T = tokens_BxT.shape
     dtype = compute_dtype(cfg)
     if positions_BxT is None:
@@ -214,15 +230,19 @@ def forward(
         new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     x_BxTxD = _norm(cfg, params["final_norm"], x_BxTxD)
-    head_DxV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits_BxTxV = jnp.einsum(
-        "btd,dv->btv", x_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32
-    )
+    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    return x_BxTxD, new_cache
+
+
+def output_logits(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array) -> jax.Array:
+    """Float32 logits of final hidden states (the output head, then the optional soft-cap)."""
+    # Contract the tied table as stored: materialising embed.T would copy it at every call.
+    head, spec = (params["embed"], "btd,vd->btv") if cfg.tie_embeddings else (params["lm_head"], "btd,dv->btv")
+    logits_BxTxV = jnp.einsum(spec, x_BxTxD, head.astype(x_BxTxD.dtype), preferred_element_type=jnp.float32)
     logits_BxTxV = constrain(logits_BxTxV, ("batch", "seq", "vocab"))
     if cfg.logit_softcap:
         logits_BxTxV = cfg.logit_softcap * jnp.tanh(logits_BxTxV / cfg.logit_softcap)
-    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
-    return logits_BxTxV, new_cache
+    return logits_BxTxV
 
 
 _REMAT_POLICIES = {
