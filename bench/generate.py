@@ -47,7 +47,9 @@ def bench_transformers(cfg: ModelConfig, params, prompts: np.ndarray, new_tokens
     with tempfile.TemporaryDirectory() as directory:
         hf.save_hf(cfg, params, directory)
         net = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-    input_ids = torch.tensor(prompts, dtype=torch.long)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = net.to(device)
+    input_ids = torch.tensor(prompts, dtype=torch.long, device=device)
 
     def run(n: int):
         with torch.no_grad():
@@ -55,9 +57,14 @@ def bench_transformers(cfg: ModelConfig, params, prompts: np.ndarray, new_tokens
                                min_new_tokens=n, pad_token_id=0, attention_mask=torch.ones_like(input_ids))
         assert out.shape[1] == prompts.shape[1] + n
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed_run(n: int) -> float:
+        return _timed(lambda: (run(n), sync()))
+
     run(4)
-    prefill_s = min(_timed(lambda: run(1)) for _ in range(3))
-    total_s = _timed(lambda: run(new_tokens))
+    prefill_s = min(timed_run(1) for _ in range(3))
+    total_s = timed_run(new_tokens)
     return prefill_s, total_s
 
 
