@@ -70,3 +70,12 @@ def test_unsupported_or_inconsistent_checkpoints_are_named(tmp_path):
 def test_missing_local_directory_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         hf.load_hf(str(tmp_path / "nope"))
+
+
+def test_hub_id_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="could not fetch 'openai-community/gpt2'.*Offline\\?"):
+        hf.load_hf("openai-community/gpt2")
