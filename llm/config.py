@@ -143,6 +143,20 @@ def base_config(model: str = "tiny", sharding: str = "fsdp") -> ml_collections.C
             # Devices along each mesh axis; one -1 takes whatever the others leave.
             mesh=dict(data=-1, fsdp=1, tensor=1),
             sharding=rules,
+            optimizer=dict(
+                name="adamw",  # or "muon": Muon on the block matrices, AdamW on the rest
+                learning_rate=6e-4,
+                schedule="cosine",  # or "wsd": warmup, stable, then a linear decay over decay_fraction
+                warmup_steps=100,
+                total_steps=10_000,
+                min_learning_rate_ratio=0.1,
+                decay_fraction=0.2,
+                b1=0.9,
+                b2=0.95,
+                eps=1e-8,
+                weight_decay=0.1,  # on matrices only
+                grad_clip=1.0,  # global norm; 0 disables
+            ),
         )
     )
 
