@@ -1,0 +1,133 @@
+"""Training checkpoints with orbax: one step holds everything a resumed run needs.
+
+    manager = Checkpointer(workdir / "checkpoints", keep=3)
+    manager.save(step, params, opt_state, config=config, tokenizer=tokenizer, data_iterator=it)
+    restored = manager.restore_latest(abstract_params, abstract_opt_state, data_iterator=it)
+
+Each step directory holds `state` (params, optimizer state, step), `config` (the
+ConfigDict as JSON), `tokenizer` (its rank file and metadata as JSON) and, when a
+grain iterator is given, `data` (its position, through grain's orbax handler).
+Writes are asynchronous and atomic: orbax writes into a temporary directory and
+renames it when complete, so a killed run leaves only whole steps behind. A step
+that is whole on disk but unreadable (a truncated file) is reported and skipped
+in favour of the one before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from llm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    params: Any
+    opt_state: Any
+    config: ml_collections.ConfigDict
+    tokenizer: Tokenizer
+
+
+class Checkpointer:
+    """An orbax `CheckpointManager` over the items of a training step."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_writes: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_writes, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def save(self, step: int, params: Any, opt_state: Any, *, config: ml_collections.ConfigDict,
+             tokenizer: Tokenizer, data_iterator: Any = None, force: bool = False) -> None:
+        """Starts writing `step` in the background; the previous write is finished first."""
+        items = {
+            "state": ocp.args.StandardSave({"params": params, "opt_state": opt_state, "step": step}),
+            "config": ocp.args.JsonSave(config.to_dict()),
+            "tokenizer": ocp.args.JsonSave(_tokenizer_to_json(tokenizer)),
+        }
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any, data_iterator: Any = None) -> Restored | None:
+        """The newest readable step, restored onto the shardings of the abstract state; None if there is none.
+
+        `abstract_*` are pytrees of `jax.ShapeDtypeStruct` with shardings (from
+        `jax.eval_shape` and the state shardings), so every device reads only its shard.
+        `data_iterator`, when given, is moved to the saved position in place.
+        """
+        self.wait()
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._restore(step, abstract_params, abstract_opt_state, data_iterator)
+            except Exception as e:  # a step orbax finalised but cannot read: say so, use the previous one
+                log.warning("checkpoint step %d is unreadable (%s: %s); falling back to an earlier step",
+                            step, type(e).__name__, e)
+                print(f"checkpoint step {step} is unreadable ({type(e).__name__}); trying an earlier step")
+        return None
+
+    def _restore(self, step: int, abstract_params: Any, abstract_opt_state: Any, data_iterator: Any) -> Restored:
+        abstract = {"params": abstract_params, "opt_state": abstract_opt_state,
+                    "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}
+        items = {
+            "state": ocp.args.StandardRestore(abstract),
+            "config": ocp.args.JsonRestore(),
+            "tokenizer": ocp.args.JsonRestore(),
+        }
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored["state"]
+        return Restored(
+            step=int(state["step"]), params=state["params"], opt_state=state["opt_state"],
+            config=ml_collections.ConfigDict(_lists_to_tuples(restored["config"])),
+            tokenizer=_tokenizer_from_json(restored["tokenizer"]),
+        )
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _lists_to_tuples(tree: Any) -> Any:
+    """JSON has no tuples; configs use them (mesh rules), never lists."""
+    if isinstance(tree, dict):
+        return {k: _lists_to_tuples(v) for k, v in tree.items()}
+    return tuple(_lists_to_tuples(v) for v in tree) if isinstance(tree, list) else tree
+
+
+def _tokenizer_to_json(tokenizer: Tokenizer) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "tokenizer.tiktoken")
+        tokenizer.save(path)
+        with open(path) as f, open(path.replace(".tiktoken", ".json")) as g:
+            return {"ranks": f.read(), "meta": json.load(g)}
+
+
+def _tokenizer_from_json(blob: dict) -> Tokenizer:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "tokenizer.tiktoken")
+        with open(path, "w") as f:
+            f.write(blob["ranks"])
+        with open(path.replace(".tiktoken", ".json"), "w") as f:
+            json.dump(blob["meta"], f)
+        return Tokenizer.load(path)
