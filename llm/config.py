@@ -136,7 +136,7 @@ def base_config(model: str = "tiny", sharding: str = "fsdp") -> ml_collections.C
     model_fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     model_fields.update(MODEL_PRESETS[model])
     rules = {axis: tuple(SHARDING_PRESETS[sharding].get(axis, ())) for axis in LOGICAL_AXES}
-    return ml_collections.ConfigDict(
+    config = ml_collections.ConfigDict(
         dict(
             seed=0,
             model=model_fields,
@@ -148,7 +148,7 @@ def base_config(model: str = "tiny", sharding: str = "fsdp") -> ml_collections.C
                 learning_rate=6e-4,
                 schedule="cosine",  # or "wsd": warmup, stable, then a linear decay over decay_fraction
                 warmup_steps=100,
-                total_steps=10_000,
+                total_steps=10_000,  # tied to train.steps below
                 min_learning_rate_ratio=0.1,
                 decay_fraction=0.2,
                 b1=0.9,
@@ -157,8 +157,32 @@ def base_config(model: str = "tiny", sharding: str = "fsdp") -> ml_collections.C
                 weight_decay=0.1,  # on matrices only
                 grad_clip=1.0,  # global norm; 0 disables
             ),
+            data=dict(
+                source="sample",  # "sample" (bundled), "fineweb[-edu][:SUBSET]", files/glob, or a prepared folder
+                tokenizer="gpt2",  # a named encoding, a .tiktoken file, or "train:VOCAB" (our BPE, trained once)
+                seq_len=MODEL_PRESETS[model]["max_seq_len"] if model.startswith("gpt2") or model == "tiny" else 2048,
+                batch_size=8,  # sequences per optimizer step, over all processes
+                packing="concat",  # or "bos_best_fit"
+                val_fraction=0.01,
+                worker_count=0,  # grain worker processes per host
+            ),
+            train=dict(
+                steps=1000,
+                grad_accum=1,  # micro-batches per step
+                log_every=10,
+                eval_every=200,
+                eval_batches=8,
+                sample_every=0,  # 0: no samples during training
+                sample_prompts=("The", "In the year"),
+                sample_tokens=32,
+                checkpoint_every=200,
+                keep_checkpoints=3,
+                peak_flops=0.0,  # per device, for MFU; 0 looks the device up (PEAK_FLOPS in llm/train/loop.py)
+            ),
         )
     )
+    config.optimizer.total_steps = config.train.get_ref("steps")
+    return config
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

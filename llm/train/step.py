@@ -56,7 +56,10 @@ def train_step(
     grads = jax.tree.map(lambda g: g / denominator, grads_sum)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / denominator, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+    # Checked by the loop before it checkpoints: a finite loss alone does not prove this update was.
+    params_finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+    metrics = {"loss": loss_sum / denominator, "tokens": count, "grad_norm": optax.tree.norm(grads),
+               "params_finite": params_finite.astype(jnp.float32)}
     return params, opt_state, metrics
 
 
