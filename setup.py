@@ -26,6 +26,8 @@ setup(
         "huggingface-hub>=1.0",
         "tqdm",
         "bm25s>=0.2",  # the search tool's index
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # The CPU reference stack for parity tests. torch is pinned to the release that
