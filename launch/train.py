@@ -18,6 +18,8 @@ from llm.train.loop import train
 
 
 def _initialize_distributed() -> None:
+    if os.environ.get("JAX_PLATFORMS") == "cpu":  # CPU processes talk through gloo (tests, laptops)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],

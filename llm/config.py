@@ -165,6 +165,9 @@ def base_config(model: str = "tiny", sharding: str = "fsdp") -> ml_collections.C
                 packing="concat",  # or "bos_best_fit"
                 val_fraction=0.01,
                 worker_count=0,  # grain worker processes per host
+                # Fixed data streams the global batch is drawn from; keep it when changing the number of
+                # hosts and the batches stay the same. 0: one per process.
+                num_shards=0,
             ),
             train=dict(
                 steps=1000,

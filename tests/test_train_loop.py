@@ -91,3 +91,35 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     restored = manager.restore(last, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["state"]["params"]))
     assert all(math.isfinite(loss) for _, loss in _losses(tmp_path))
+
+
+def _launch_processes(workdir, tokenizer, n_processes, devices_each, port):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_each), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+            *SMALL_RUN, f"--config.data.tokenizer={tokenizer}", "--config.train.steps=6", "--config.data.num_shards=2",
+            "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000"]
+    procs = []
+    for i in range(n_processes):
+        dist = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n_processes),
+                "JAX_PROCESS_ID": str(i)} if n_processes > 1 else {}
+        procs.append(subprocess.Popen(args, cwd=ROOT, env={**env, **dist}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
+    import portpicker
+
+    from llm.data.sources import open_source, training_texts
+    from llm.tokenizer import train_bpe
+
+    tokenizer_path = str(tmp_path / "tok.tiktoken")
+    train_bpe(training_texts(open_source("sample"), 0.01), 1024, progress=False).save(tokenizer_path)
+    [single] = _launch_processes(tmp_path / "one", tokenizer_path, 1, 8, None)
+    assert single.wait(timeout=600) == 0, single.stderr.read()[-3000:]
+    pair = _launch_processes(tmp_path / "two", tokenizer_path, 2, 4, portpicker.pick_unused_port())
+    for proc in pair:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in two] == list(range(1, 7))
+    np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,15 @@ def validation_mask(keys: Sequence[str], fraction: float) -> np.ndarray:
     # resharding and a different number of processes or workers.
     threshold = int(fraction * 2**32)
     return np.fromiter((zlib.crc32(k.encode("utf-8", "surrogatepass")) < threshold for k in keys), bool, len(keys))
+
+
+def training_texts(source: Source, val_fraction: float) -> Iterator[str]:
+    """The texts of the training split, in file order (for training a tokenizer)."""
+    for chunk in source.chunks():
+        rows = source.read(chunk)
+        for text, held_out in zip(rows.texts, validation_mask(rows.keys, val_fraction)):
+            if not held_out:
+                yield text
 
 
 def _decode(values: list[bytes | None]) -> tuple[list[str], list[int], int, int]:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import time
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +33,8 @@ from tqdm.auto import tqdm
 from llm import model, sharding
 from llm.checkpoint import Checkpointer
 from llm.config import model_config
-from llm.data.pipeline import make_pipeline
-from llm.data.sources import open_source, validation_mask
+from llm.data.pipeline import HostBatches, make_pipeline
+from llm.data.sources import open_source, training_texts
 from llm.generate import Engine, SamplingParams
 from llm.release import save_release
 from llm.tokenizer import Tokenizer, train_bpe
@@ -69,17 +68,9 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
     if os.path.exists(path):
         return Tokenizer.load(path)
     source = open_source(config.data.source)
-    tokenizer = train_bpe(_training_texts(source, config.data.val_fraction), int(spec.split(":")[1]), name="bpe")
+    tokenizer = train_bpe(training_texts(source, config.data.val_fraction), int(spec.split(":")[1]), name="bpe")
     tokenizer.save(path)
     return tokenizer
-
-
-def _training_texts(source, val_fraction: float) -> Iterator[str]:
-    for chunk in source.chunks():
-        rows = source.read(chunk)
-        for text, held_out in zip(rows.texts, validation_mask(rows.keys, val_fraction)):
-            if not held_out:
-                yield text
 
 
 class _Writers:
@@ -123,12 +114,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Summary:
         raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
     micro_batch = dc.batch_size // tc.grad_accum
 
-    def pipeline(split: str):
-        return make_pipeline(dc.source, tokenizer, seq_len=dc.seq_len, batch_size=micro_batch, seed=config.seed,
-                             split=split, packing=dc.packing, val_fraction=dc.val_fraction,
-                             worker_count=dc.worker_count)
+    num_shards = dc.num_shards or jax.process_count()
 
-    train_iter = iter(pipeline("train"))
+    def pipeline(split: str) -> HostBatches:
+        def shard(index: int, count: int):
+            return make_pipeline(dc.source, tokenizer, seq_len=dc.seq_len, batch_size=micro_batch,
+                                 seed=config.seed, split=split, packing=dc.packing, val_fraction=dc.val_fraction,
+                                 worker_count=dc.worker_count, process_index=index, process_count=count)
+
+        return HostBatches(shard, num_shards, jax.process_index(), jax.process_count())
+
+    train_iter = pipeline("train")
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     param_sh, opt_sh = state_shardings(cfg, optimizer, mesh, rules)
     params, opt_state = init_train_state(cfg, optimizer, mesh, rules, jax.random.key(config.seed))
