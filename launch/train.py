@@ -3,8 +3,10 @@
     python -m launch.train --config configs/tiny.py --workdir runs/tiny [--config.train.steps=100 ...]
 
 On a cluster, JAX's own runtime connects the processes: `jax.distributed.initialize()`
-runs when the environment names a coordinator (JAX_COORDINATOR_ADDRESS) or a
-multi-task SLURM job, and each process then feeds its own slice of the data.
+runs when the environment names a coordinator (JAX_COORDINATOR_ADDRESS with
+JAX_NUM_PROCESSES and JAX_PROCESS_ID) or a multi-task SLURM job, and each process
+then feeds its own slice of the data. If a process dies, the others abort after
+JAX_HEARTBEAT_TIMEOUT_SECONDS (default 100) instead of hanging.
 """
 
 import argparse
@@ -25,6 +27,8 @@ def _initialize_distributed() -> None:
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            # How long a silent peer may go before the others abort instead of waiting in a collective.
+            heartbeat_timeout_seconds=int(os.environ.get("JAX_HEARTBEAT_TIMEOUT_SECONDS", "100")),
         )
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()  # reads the SLURM environment

@@ -93,10 +93,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert all(math.isfinite(loss) for _, loss in _losses(tmp_path))
 
 
-def _launch_processes(workdir, tokenizer, n_processes, devices_each, port):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_each), "PYTHONUNBUFFERED": "1"}
+def _launch_processes(workdir, tokenizer, n_processes, devices_each, port, steps=6):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_each), "PYTHONUNBUFFERED": "1",
+           "JAX_HEARTBEAT_TIMEOUT_SECONDS": "10"}
     args = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
-            *SMALL_RUN, f"--config.data.tokenizer={tokenizer}", "--config.train.steps=6", "--config.data.num_shards=2",
+            *SMALL_RUN, f"--config.data.tokenizer={tokenizer}", f"--config.train.steps={steps}",
+            "--config.data.num_shards=2",
             "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000"]
     procs = []
     for i in range(n_processes):
@@ -107,14 +109,19 @@ def _launch_processes(workdir, tokenizer, n_processes, devices_each, port):
     return procs
 
 
-def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
-    import portpicker
-
+def _tokenizer_file(tmp_path):
     from llm.data.sources import open_source, training_texts
     from llm.tokenizer import train_bpe
 
-    tokenizer_path = str(tmp_path / "tok.tiktoken")
-    train_bpe(training_texts(open_source("sample"), 0.01), 1024, progress=False).save(tokenizer_path)
+    path = str(tmp_path / "tok.tiktoken")
+    train_bpe(training_texts(open_source("sample"), 0.01), 1024, progress=False).save(path)
+    return path
+
+
+def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
+    import portpicker
+
+    tokenizer_path = _tokenizer_file(tmp_path)
     [single] = _launch_processes(tmp_path / "one", tokenizer_path, 1, 8, None)
     assert single.wait(timeout=600) == 0, single.stderr.read()[-3000:]
     pair = _launch_processes(tmp_path / "two", tokenizer_path, 2, 4, portpicker.pick_unused_port())
@@ -123,3 +130,22 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in two] == list(range(1, 7))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+
+
+def test_when_one_process_dies_the_other_exits_with_an_error(tmp_path):
+    import portpicker
+
+    survivor, victim = _launch_processes(tmp_path / "run", _tokenizer_file(tmp_path), 2, 4,
+                                         portpicker.pick_unused_port(), steps=100_000)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or len(_losses(tmp_path / "run")) < 3:
+        assert survivor.poll() is None and victim.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    try:
+        code = survivor.wait(timeout=120)  # heartbeat timeout 10 s, then the runtime aborts
+    except subprocess.TimeoutExpired:
+        survivor.kill()
+        pytest.fail("the surviving process hung after its peer died")
+    assert code != 0
