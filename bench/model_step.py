@@ -29,10 +29,7 @@ import numpy as np
 
 from llm import model
 from llm.config import ModelConfig, base_config, model_config
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6 * model.count_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+from llm.train.loop import flops_per_token
 
 
 def matmul_peak_flops(dtype, n: int = 8192 if jax.default_backend() != "cpu" else 2048, reps: int = 10) -> float:
