@@ -29,7 +29,6 @@ import numpy as np
 
 from llm import model
 from llm.config import ModelConfig, base_config, model_config
-from llm.train.loop import flops_per_token
 
 
 def matmul_peak_flops(dtype, n: int = 8192 if jax.default_backend() != "cpu" else 2048, reps: int = 10) -> float:
@@ -119,7 +118,7 @@ def main() -> None:
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     tokens_per_step = args.batch * args.seq
     peak = matmul_peak_flops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    fpt = flops_per_token(cfg, args.seq)
+    fpt = model.flops_per_token(cfg, args.seq)
 
     if not args.no_torch:  # first, so PyTorch hands its cached memory back before JAX runs
         torch_s, torch_loss, device = time_torch(cfg, tokens, args.steps, args.dtype)

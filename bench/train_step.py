@@ -26,7 +26,6 @@ import numpy as np  # noqa: E402
 from bench.model_step import matmul_peak_flops  # noqa: E402
 from llm import model, sharding  # noqa: E402
 from llm.config import ModelConfig, base_config, model_config  # noqa: E402
-from llm.train.loop import flops_per_token  # noqa: E402
 from llm.train.optimizer import make_optimizer  # noqa: E402
 from llm.train.step import init_train_state, jit_train_step  # noqa: E402
 
@@ -129,7 +128,7 @@ def main() -> None:
     tokens = np.random.RandomState(0).randint(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
     tokens_per_step = args.batch * args.seq
     peak = matmul_peak_flops(np.float32 if args.dtype == "float32" else jax.numpy.bfloat16)
-    fpt = flops_per_token(cfg, args.seq)
+    fpt = model.flops_per_token(cfg, args.seq)
     torch_s = time_torch(cfg, tokens, args.steps, args.dtype)
     ours_s = time_ours(cfg, tokens, args.steps)
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}); GPT-2 arch "

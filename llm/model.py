@@ -139,6 +139,11 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(math.prod(s.shape) for s in jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec))
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, 6 N + 12 L D T (llm.c's count; attention's causal half not discounted)."""
+    return 6 * count_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+
 # ----------------------------------------------------------------------------- forward
 
 

@@ -46,10 +46,6 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, 
               "TPU v5": 459e12, "TPU v6 lite": 918e12}
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-    return 6 * model.count_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * seq_len
-
-
 @dataclasses.dataclass
 class Summary:
     step: int
@@ -138,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Summary:
     eval_fn = _jit_eval(cfg, tokenizer, mesh, rules)
 
     writers = _Writers(workdir)
-    fpt = flops_per_token(cfg, dc.seq_len)
+    fpt = model.flops_per_token(cfg, dc.seq_len)
     peak = tc.peak_flops or _device_peak_flops()
     tokens_per_step = dc.batch_size * dc.seq_len
     summary = Summary(start, math.nan, None, None, None)
