@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import tempfile
 from typing import Any
@@ -27,9 +26,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from llm.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
-
 
 @dataclasses.dataclass
 class Restored:
@@ -79,9 +75,7 @@ class Checkpointer:
             try:
                 return self._restore(step, abstract_params, abstract_opt_state, data_iterator)
             except Exception as e:  # a step orbax finalised but cannot read: say so, use the previous one
-                log.warning("checkpoint step %d is unreadable (%s: %s); falling back to an earlier step",
-                            step, type(e).__name__, e)
-                print(f"checkpoint step {step} is unreadable ({type(e).__name__}); trying an earlier step")
+                print(f"checkpoint step {step} is unreadable ({type(e).__name__}: {e}); trying an earlier step")
         return None
 
     def _restore(self, step: int, abstract_params: Any, abstract_opt_state: Any, data_iterator: Any) -> Restored:
