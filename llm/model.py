@@ -154,10 +154,14 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache holding `max_len` positions per row."""
+    """An empty KV cache holding `max_len` positions per row: "k" and "v" of shape [L, B, K, S, H].
+
+    Heads before positions, so attention reads a layer's keys as stored (no
+    per-step transpose of the whole cache).
+    """
     if max_len > cfg.max_seq_len and cfg.family == "gpt2":
         raise ValueError(f"cache length {max_len} exceeds GPT-2's {cfg.max_seq_len} learned positions")
-    shape = (cfg.n_layer, batch, max_len, cfg.n_kv_head, cfg.head_dim)
+    shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
     dtype = dtype or compute_dtype(cfg)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -211,7 +215,7 @@ def hidden_states(
 
     rope = _rope_tables(cfg, positions_BxT) if cfg.family == "llama" else None
     if cache is not None:
-        S = cache["k"].shape[2]
+        S = cache["k"].shape[3]
         # A query at position p sees cache slots 0..p: earlier tokens, and itself once written.
         mask_Bx1xTxS = (jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None])[:, None]
     elif segment_ids_BxT is not None:
@@ -223,20 +227,16 @@ def hidden_states(
     block = functools.partial(_block, cfg, context)
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    layer_cache = None if cache is None else (cache["k"], cache["v"])
+    # The whole cache rides in the carry and each layer writes its slots in place:
+    # scanning over a stacked cache instead would copy every layer's cache in and out.
+    carry = (x_BxTxD, cache)
     if cfg.scan_layers:
-        x_BxTxD, new_kv = jax.lax.scan(block, x_BxTxD, (params["blocks"], layer_cache))
+        carry, _ = jax.lax.scan(block, carry, (params["blocks"], jnp.arange(cfg.n_layer)))
     else:
-        outs = []
         for i in range(cfg.n_layer):
-            layer = jax.tree.map(lambda a: a[i], (params["blocks"], layer_cache))
-            x_BxTxD, kv = block(x_BxTxD, layer)
-            outs.append(kv)
-        new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-    x_BxTxD = _norm(cfg, params["final_norm"], x_BxTxD)
-    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
-    return x_BxTxD, new_cache
+            carry, _ = block(carry, (jax.tree.map(lambda a: a[i], params["blocks"]), i))
+    x_BxTxD, cache = carry
+    return _norm(cfg, params["final_norm"], x_BxTxD), cache
 
 
 def output_logits(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array) -> jax.Array:
@@ -257,14 +257,15 @@ _REMAT_POLICIES = {
 }
 
 
-def _block(cfg: ModelConfig, context: dict, x_BxTxD: jax.Array, layer: tuple) -> tuple[jax.Array, Any]:
-    """One pre-norm Transformer block; `layer` is (this layer's params, its (k, v) cache or None)."""
-    p, kv_cache = layer
+def _block(cfg: ModelConfig, context: dict, carry: tuple, layer: tuple) -> tuple[tuple, None]:
+    """One pre-norm Transformer block; carry is (x, whole cache or None), layer is (its params, its index)."""
+    x_BxTxD, cache = carry
+    p, index = layer
     x_BxTxD = constrain(x_BxTxD, ("batch", "seq", None))
-    attn_out_BxTxD, new_kv = _attention(cfg, context, p["attn"], _norm(cfg, p["attn_norm"], x_BxTxD), kv_cache)
+    attn_out_BxTxD, cache = _attention(cfg, context, p["attn"], _norm(cfg, p["attn_norm"], x_BxTxD), cache, index)
     x_BxTxD = x_BxTxD + attn_out_BxTxD
     x_BxTxD = x_BxTxD + _mlp(cfg, p["mlp"], _norm(cfg, p["mlp_norm"], x_BxTxD))
-    return x_BxTxD, new_kv
+    return (x_BxTxD, cache), None
 
 
 def _norm(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
@@ -283,7 +284,7 @@ def _rms(x32: jax.Array, eps: float) -> jax.Array:
     return x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
 
 
-def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, kv_cache: Any):
+def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, cache: Cache | None, layer: Any):
     dtype = h_BxTxD.dtype
     q_BxTxNxH = jnp.einsum("btd,dnh->btnh", h_BxTxD, p["q"].astype(dtype))
     k_BxTxKxH = jnp.einsum("btd,dkh->btkh", h_BxTxD, p["k"].astype(dtype))
@@ -302,28 +303,45 @@ def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, k
     k_BxTxKxH = constrain(k_BxTxKxH, ("batch", "seq", "kv_heads", None))
     v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "seq", "kv_heads", None))
 
-    if kv_cache is None:
-        new_kv = None
+    if cache is None:
         impl = _attention_impl(cfg, dtype)
         out_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=context["mask_Bx1xTxS"], is_causal=True, implementation=impl
         )
     else:
-        k_cache_BxSxKxH, v_cache_BxSxKxH = kv_cache
-        start_B = context["positions_BxT"][:, 0]
-        write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), s, axis=0))
-        k_cache_BxSxKxH = write(k_cache_BxSxKxH, k_BxTxKxH, start_B)
-        v_cache_BxSxKxH = write(v_cache_BxSxKxH, v_BxTxKxH, start_B)
-        new_kv = (k_cache_BxSxKxH, v_cache_BxSxKxH)
-        # The cache mask already encodes causality at arbitrary offsets; XLA handles any shape.
-        out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_cache_BxSxKxH.astype(dtype), v_cache_BxSxKxH.astype(dtype),
-            mask=context["mask_Bx1xTxS"], implementation="xla",
+        # Write this layer's new keys/values at their positions (in place), then attend over the layer's slots.
+        rows_Bx1 = jnp.arange(h_BxTxD.shape[0])[:, None]
+        positions_BxT = context["positions_BxT"]
+        cache = {
+            name: c_LxBxKxSxH.at[layer, rows_Bx1, :, positions_BxT].set(new_BxTxKxH.astype(c_LxBxKxSxH.dtype))
+            for (name, c_LxBxKxSxH), new_BxTxKxH in zip(cache.items(), (k_BxTxKxH, v_BxTxKxH))
+        }
+        out_BxTxNxH = _cached_attention(
+            q_BxTxNxH, cache["k"][layer].astype(dtype), cache["v"][layer].astype(dtype), context["mask_Bx1xTxS"]
         )
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, p["o"].astype(dtype))
     if cfg.family == "gpt2":
         out_BxTxD += p["o_bias"].astype(dtype)
-    return out_BxTxD, new_kv
+    return out_BxTxD, cache
+
+
+def _cached_attention(
+    q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, mask_Bx1xTxS: jax.Array
+) -> jax.Array:
+    """Grouped-query attention over a cache layer as stored ([B, K, S, H]); the mask encodes causality.
+
+    Scores and softmax in float32, as in jax.nn.dot_product_attention's XLA path.
+    """
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxKxSxH.shape[1]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores_BxKxGxTxS = jnp.einsum(
+        "btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32
+    ) / math.sqrt(H)
+    scores_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxKxGxTxS, -jnp.inf)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(q_BxTxNxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs_BxKxGxTxS, v_BxKxSxH)
+    return out_BxTxKxGxH.reshape(B, T, N, H)
 
 
 def _attention_impl(cfg: ModelConfig, dtype: jnp.dtype) -> str:
