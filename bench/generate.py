@@ -6,7 +6,8 @@ Both sides sample a GPT-2-architecture model (4 layers, d_model 256, 4 heads,
 vocab 50,304, random weights) with temperature 0.8 and top-k 50, no stop token,
 so every row generates exactly `--new-tokens`. Prefill tokens/s is the prompt
 tokens over the time of a one-token generation; decode tokens/s is the generated
-tokens over the rest of the time. Compilation is excluded (one warm-up run each).
+tokens over the rest of the time. Compilation is excluded (one warm-up run each);
+each time is the best of REPEATS runs, so a noisy shared machine slows both sides less.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from llm.config import ModelConfig
 from llm.generate import Engine, SamplingParams
 
 
+REPEATS = 3
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -33,8 +37,8 @@ def bench_ours(cfg: ModelConfig, params, prompts: np.ndarray, new_tokens: int) -
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_k=50)
     one = SamplingParams(max_new_tokens=1, temperature=0.8, top_k=50)
     engine.generate(prompts.tolist(), sampling)  # compile both the prefill and the decode step
-    prefill_s = min(_timed(lambda: engine.generate(prompts.tolist(), one)) for _ in range(3))
-    total_s = _timed(lambda: engine.generate(prompts.tolist(), sampling))
+    prefill_s = min(_timed(lambda: engine.generate(prompts.tolist(), one)) for _ in range(REPEATS))
+    total_s = min(_timed(lambda: engine.generate(prompts.tolist(), sampling)) for _ in range(REPEATS))
     return prefill_s, total_s
 
 
@@ -63,8 +67,8 @@ def bench_transformers(cfg: ModelConfig, params, prompts: np.ndarray, new_tokens
         return _timed(lambda: (run(n), sync()))
 
     run(4)
-    prefill_s = min(timed_run(1) for _ in range(3))
-    total_s = timed_run(new_tokens)
+    prefill_s = min(timed_run(1) for _ in range(REPEATS))
+    total_s = min(timed_run(new_tokens) for _ in range(REPEATS))
     return prefill_s, total_s
 
 

@@ -7,7 +7,8 @@
 GELU(tanh) MLP, biases everywhere, tied embeddings) or "llama" (RoPE with the
 Llama-3.1 frequency scaling, RMSNorm, SwiGLU, grouped-query attention, no biases,
 tied or untied embeddings). Layers are stored stacked on a leading `layers` axis
-whether or not they are scanned, so checkpoints do not depend on `scan_layers`.
+whether or not they are scanned, so checkpoints do not depend on `scan_layers`
+(the sampler alone may pass them as a list of per-layer trees).
 
 Shape legend for tensor names:
     B batch          T query length        S key/value (cache) length
@@ -229,8 +230,14 @@ def hidden_states(
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     # The whole cache rides in the carry and each layer writes its slots in place:
     # scanning over a stacked cache instead would copy every layer's cache in and out.
+    # Blocks given as a list of per-layer trees (the sampler's layout, generate.py) run
+    # unrolled and read each layer's weights in place; slicing a stacked layer out,
+    # in a scan or not, copies its weights at every call.
     carry = (x_BxTxD, cache)
-    if cfg.scan_layers:
+    if isinstance(params["blocks"], (list, tuple)):
+        for i, layer_params in enumerate(params["blocks"]):
+            carry, _ = block(carry, (layer_params, i))
+    elif cfg.scan_layers:
         carry, _ = jax.lax.scan(block, carry, (params["blocks"], jnp.arange(cfg.n_layer)))
     else:
         for i in range(cfg.n_layer):

@@ -11,7 +11,7 @@ from llm.tokenizer import Tokenizer
 TOKENIZER = Tokenizer.load("gpt2")
 
 
-def scripted_gpt2(script: dict[int, int], max_seq_len: int = 64):
+def scripted_gpt2(script: dict[int, int], max_seq_len: int = 64, strength: float = 8.0):
     """A real GPT-2 whose weights make the token after position p be `script[p]`.
 
     Blocks are zeroed, so the residual stream is embed[token] + pos_embed[p]; putting a
@@ -23,7 +23,7 @@ def scripted_gpt2(script: dict[int, int], max_seq_len: int = 64):
     embed = np.asarray(jax.random.normal(jax.random.key(1), (cfg.vocab_size, cfg.n_embd))) / np.sqrt(cfg.n_embd)
     pos_embed = np.zeros((max_seq_len, cfg.n_embd), np.float32)
     for position, token in script.items():
-        pos_embed[position] = 8 * embed[token]
+        pos_embed[position] = strength * embed[token]
     params |= {"embed": jnp.asarray(embed), "pos_embed": jnp.asarray(pos_embed),
                "final_norm": {"scale": jnp.ones(cfg.n_embd), "bias": jnp.zeros(cfg.n_embd)}}
     return cfg, params

@@ -151,6 +151,34 @@ def test_scripted_tool_call_gets_the_result_injected(expression, result):
     assert sample.text == TOKENIZER.decode(call + forced) + " Done."  # the stop token is not text
 
 
+def test_tool_calls_in_a_batch_keep_every_row_exact():
+    """Rows call a tool at different points of their samples while another row samples on; with a
+    repetition penalty, every sampled token is the argmax of a full recomputation of its row so far
+    (forced outputs included), so overridden inputs, the cache and the seen-token mask all stay exact."""
+    call_start, call_end = TOKENIZER.token_id(tool_tokens("python")[0]), TOKENIZER.token_id(tool_tokens("python")[1])
+    call = [call_start, *TOKENIZER.encode("6*7"), call_end]
+    # Scripted at absolute positions 12..16; strong random blocks make every other token depend on the context.
+    cfg, params = scripted_gpt2({12 + i: t for i, t in enumerate(call)}, strength=40.0)
+    blocks = model.init_params(cfg, jax.random.key(3))["blocks"]
+    params = {**params, "blocks": jax.tree.map(lambda b: 4 * b, blocks)}
+    prompts = [TOKENIZER.encode("one two three four five"), TOKENIZER.encode("a b c d e f g h i"), list(range(100, 120))]
+    sampling = SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=24)
+    samples = Engine(cfg, params, TOKENIZER, tools={"python": Calculator()}).generate(prompts, sampling)
+    forward = jax.jit(functools.partial(model.forward, cfg))
+    assert [sum(s.forced) for [s] in samples] == [3, 3, 0]  # output start, "42", output end
+    for prompt, [sample] in zip(prompts, samples):
+        sequence = list(prompt)
+        for token, logprob, forced in zip(sample.tokens, sample.logprobs, sample.forced):
+            if not forced:
+                logits, _ = forward(params, jnp.array([sequence + [0] * (cfg.max_seq_len - len(sequence))]))
+                last_1xV = logits[:, len(sequence) - 1]
+                seen_1xV = jnp.zeros_like(last_1xV, bool).at[0, jnp.array(sequence)].set(True)
+                assert token == int(jnp.argmax(process_logits(last_1xV, repetition_penalty=1.3, seen_BxV=seen_1xV)))
+                np.testing.assert_allclose(logprob, jax.nn.log_softmax(last_1xV[0])[token], atol=1e-4)
+            sequence.append(token)
+        assert len(sample.tokens) == 24
+
+
 @pytest.mark.parametrize("expression", [
     "__import__('os').system('true')", "(1).__class__", "x + 1", "2 ** 10000", "9 ** 9 ** 9",
     "[i for i in range(10**9)]", "sum(range(10**12))", "1" * 300, "lambda: 0", "(" * 200 + "1" + ")" * 200,
