@@ -7,13 +7,15 @@ vocab 50,304, random weights) with temperature 0.8 and top-k 50, no stop token,
 so every row generates exactly `--new-tokens`. Prefill tokens/s is the prompt
 tokens over the time of a one-token generation; decode tokens/s is the generated
 tokens over the rest of the time. Compilation is excluded (one warm-up run each);
-each time is the best of REPEATS runs, so a noisy shared machine slows both sides less.
+each time is the best of REPEATS rounds in which the two sides take turns, so a
+noisy shared machine weighs on both alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -26,23 +28,18 @@ from llm.generate import Engine, SamplingParams
 REPEATS = 3
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def bench_ours(cfg: ModelConfig, params, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
+def ours(cfg: ModelConfig, params, prompts: np.ndarray) -> Callable[[int], None]:
+    """Generates n tokens per row with our engine (returns when the tokens are on the host)."""
     engine = Engine(cfg, params)
-    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_k=50)
-    one = SamplingParams(max_new_tokens=1, temperature=0.8, top_k=50)
-    engine.generate(prompts.tolist(), sampling)  # compile both the prefill and the decode step
-    prefill_s = min(_timed(lambda: engine.generate(prompts.tolist(), one)) for _ in range(REPEATS))
-    total_s = min(_timed(lambda: engine.generate(prompts.tolist(), sampling)) for _ in range(REPEATS))
-    return prefill_s, total_s
+
+    def run(n: int) -> None:
+        engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=n, temperature=0.8, top_k=50))
+
+    return run
 
 
-def bench_transformers(cfg: ModelConfig, params, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
+def theirs(cfg: ModelConfig, params, prompts: np.ndarray) -> Callable[[int], None]:
+    """Generates n tokens per row with `transformers.generate` on the same weights."""
     import tempfile
 
     import torch
@@ -54,22 +51,34 @@ def bench_transformers(cfg: ModelConfig, params, prompts: np.ndarray, new_tokens
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = net.to(device)
     input_ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def run(n: int):
+    def run(n: int) -> None:
         with torch.no_grad():
             out = net.generate(input_ids, do_sample=True, temperature=0.8, top_k=50, max_new_tokens=n,
                                min_new_tokens=n, pad_token_id=0, attention_mask=torch.ones_like(input_ids))
+        sync()
         assert out.shape[1] == prompts.shape[1] + n
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return run
 
-    def timed_run(n: int) -> float:
-        return _timed(lambda: (run(n), sync()))
 
-    run(4)
-    prefill_s = min(timed_run(1) for _ in range(REPEATS))
-    total_s = min(timed_run(new_tokens) for _ in range(REPEATS))
-    return prefill_s, total_s
+def measure(runs: dict[str, Callable[[int], None]], new_tokens: int) -> dict[str, tuple[float, float]]:
+    """Best (prefill s, total s) of REPEATS rounds per side, the sides taking turns within each round."""
+    for run in runs.values():  # compile / warm up
+        run(new_tokens)
+    best = {name: (float("inf"), float("inf")) for name in runs}
+    for _ in range(REPEATS):
+        for name, run in runs.items():
+            prefill_s, total_s = _timed(lambda: run(1)), _timed(lambda: run(new_tokens))
+            best[name] = (min(best[name][0], prefill_s), min(best[name][1], total_s))
+    return best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -92,14 +101,14 @@ def main() -> None:
     print(f"{'batch':>5} {'':14} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for batch in args.batches:
         prompts = np.random.RandomState(batch).randint(0, args.vocab, (batch, args.prompt_len))
+        times = measure({"ours (JAX)": ours(cfg, params, prompts), "transformers": theirs(cfg, params, prompts)},
+                        args.new_tokens)
         rows = {}
-        for name, fn in [("ours (JAX)", bench_ours), ("transformers", bench_transformers)]:
-            prefill_s, total_s = fn(cfg, params, prompts, args.new_tokens)
-            decode_tps = batch * (args.new_tokens - 1) / (total_s - prefill_s)
-            rows[name] = (batch * args.prompt_len / prefill_s, decode_tps)
+        for name, (prefill_s, total_s) in times.items():
+            rows[name] = (batch * args.prompt_len / prefill_s, batch * (args.new_tokens - 1) / (total_s - prefill_s))
             print(f"{batch:5d} {name:14} {rows[name][0]:14,.0f} {rows[name][1]:13,.0f}")
-        ours, theirs = rows["ours (JAX)"], rows["transformers"]
-        print(f"{batch:5d} {'ratio':14} {ours[0] / theirs[0]:13.2f}x {ours[1] / theirs[1]:12.2f}x")
+        ours_tps, theirs_tps = rows["ours (JAX)"], rows["transformers"]
+        print(f"{batch:5d} {'ratio':14} {ours_tps[0] / theirs_tps[0]:13.2f}x {ours_tps[1] / theirs_tps[1]:12.2f}x")
 
 
 if __name__ == "__main__":

@@ -154,17 +154,29 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.dtype)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache holding `max_len` positions per row: "k" and "v" of shape [L, B, K, S, H].
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, per_layer: bool = False) -> Cache:
+    """An empty KV cache holding `max_len` positions per row: keys [L, B, K, S, H], values [L, B, K, H, S].
 
-    Heads before positions, so attention reads a layer's keys as stored (no
-    per-step transpose of the whole cache).
+    Each is stored the way a decode step's two matrix-vector products read it, the
+    contracted dimension minor (head dims for keys, positions for values), so no
+    step transposes the cache.
+    `per_layer` makes "k" and "v" lists of L per-layer buffers, to go with blocks
+    given as a list: each layer then reads its slots in place instead of copying
+    them out of the stack.
     """
     if max_len > cfg.max_seq_len and cfg.family == "gpt2":
         raise ValueError(f"cache length {max_len} exceeds GPT-2's {cfg.max_seq_len} learned positions")
-    shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+    B, K, H, S = batch, cfg.n_kv_head, cfg.head_dim, max_len
     dtype = dtype or compute_dtype(cfg)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    shapes = {"k": (B, K, S, H), "v": (B, K, H, S)}
+    if per_layer:
+        return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)] for name, shape in shapes.items()}
+    return {name: jnp.zeros((cfg.n_layer, *shape), dtype) for name, shape in shapes.items()}
+
+
+def cache_length(cache: Cache) -> int:
+    """S, the positions a cache holds per row."""
+    return jax.tree.leaves(cache["k"])[0].shape[-2]
 
 
 def forward(
@@ -216,7 +228,7 @@ def hidden_states(
 
     rope = _rope_tables(cfg, positions_BxT) if cfg.family == "llama" else None
     if cache is not None:
-        S = cache["k"].shape[3]
+        S = cache_length(cache)
         # A query at position p sees cache slots 0..p: earlier tokens, and itself once written.
         mask_Bx1xTxS = (jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None])[:, None]
     elif segment_ids_BxT is not None:
@@ -316,13 +328,14 @@ def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, c
             q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=context["mask_Bx1xTxS"], is_causal=True, implementation=impl
         )
     else:
-        # Write this layer's new keys/values at their positions (in place), then attend over the layer's slots.
-        rows_Bx1 = jnp.arange(h_BxTxD.shape[0])[:, None]
-        positions_BxT = context["positions_BxT"]
-        cache = {
-            name: c_LxBxKxSxH.at[layer, rows_Bx1, :, positions_BxT].set(new_BxTxKxH.astype(c_LxBxKxSxH.dtype))
-            for (name, c_LxBxKxSxH), new_BxTxKxH in zip(cache.items(), (k_BxTxKxH, v_BxTxKxH))
-        }
+        # Write this layer's new keys/values at their positions, then attend over the layer's slots.
+        def write(slots, new_BxTxKxH, layout):  # slots: stacked [L, B, ...] or a list of L per-layer [B, ...]
+            layer_slots = _write_slots(slots[layer], new_BxTxKxH, context["positions_BxT"], layout)
+            if isinstance(slots, list):
+                return [*slots[:layer], layer_slots, *slots[layer + 1:]]
+            return slots.at[layer].set(layer_slots)
+
+        cache = {"k": write(cache["k"], k_BxTxKxH, "bksh"), "v": write(cache["v"], v_BxTxKxH, "bkhs")}
         out_BxTxNxH = _cached_attention(
             q_BxTxNxH, cache["k"][layer].astype(dtype), cache["v"][layer].astype(dtype), context["mask_Bx1xTxS"]
         )
@@ -332,10 +345,33 @@ def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, c
     return out_BxTxD, cache
 
 
+def _write_slots(slots: jax.Array, new_BxTxKxH: jax.Array, positions_BxT: jax.Array, layout: str) -> jax.Array:
+    """One layer's keys ("bksh") or values ("bkhs") with the new tokens written at their positions.
+
+    One new token per row (decode): a dynamic-update-slice per row, in place. Several
+    (prefill): each slot blends in the token that lands on it, if any. A scatter at
+    per-row positions made XLA:CPU transpose the whole cache around it at every step.
+    """
+    B, T = positions_BxT.shape
+    new_BxTxKxH = new_BxTxKxH.astype(slots.dtype)
+    if T == 1:
+
+        def write_row(b, slots):
+            row = jnp.expand_dims(new_BxTxKxH[b, 0], [layout.index("b"), layout.index("s")])
+            start = [b if d == "b" else positions_BxT[b, 0] if d == "s" else 0 for d in layout]
+            return jax.lax.dynamic_update_slice(slots, row, start)
+
+        return jax.lax.fori_loop(0, B, write_row, slots, unroll=min(B, 8))
+    lands_BxTxS = positions_BxT[:, :, None] == jnp.arange(slots.shape[layout.index("s")])
+    new = jnp.einsum(f"bts,btkh->{layout}", lands_BxTxS.astype(slots.dtype), new_BxTxKxH)
+    hit = jnp.expand_dims(lands_BxTxS.any(axis=1), [layout.index("k"), layout.index("h")])
+    return jnp.where(hit, new, slots)
+
+
 def _cached_attention(
-    q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, mask_Bx1xTxS: jax.Array
+    q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxHxS: jax.Array, mask_Bx1xTxS: jax.Array
 ) -> jax.Array:
-    """Grouped-query attention over a cache layer as stored ([B, K, S, H]); the mask encodes causality.
+    """Grouped-query attention over a cache layer as stored; the mask encodes causality.
 
     Scores and softmax in float32, as in jax.nn.dot_product_attention's XLA path.
     """
@@ -347,7 +383,7 @@ def _cached_attention(
     ) / math.sqrt(H)
     scores_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxKxGxTxS, -jnp.inf)
     probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(q_BxTxNxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs_BxKxGxTxS, v_BxKxSxH)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bkhs->btkgh", probs_BxKxGxTxS, v_BxKxHxS)
     return out_BxTxKxGxH.reshape(B, T, N, H)
 
 
