@@ -3,13 +3,15 @@
     engine = Engine(cfg, params, tokenizer, tools={"python": Calculator()})
     samples = engine.generate([prompt_ids], SamplingParams(temperature=0.8, top_p=0.95, n=4))
 
-One jitted step serves prefill (all prompt tokens at once) and decode (one token
-per row): run the model over the new tokens with the cache, then sample the next
-token of every row on device. Shapes are bucketed (batch to a power of two,
-lengths to powers of two), so a step compiles once per bucket; the sampling knobs
-are traced values, so changing them never recompiles, except top-k, whose k is a
-compile-time constant. The host loop only
-reads one token per row per step, to apply stop conditions and tool calls.
+One step function serves prefill (all prompt tokens at once) and decode (one
+token per row): run the model over the new tokens with the cache, then sample the
+next token of every row on device. Decode steps feed themselves (each row's sample
+and next position stay on device), so the host queues step k+1 before it reads
+step k's tokens to apply stop conditions and tool calls; a tool's output is
+forced in by overriding that row's input. Shapes are bucketed (batch to a power
+of two, lengths to powers of two), so a step compiles once per bucket; the
+sampling knobs are traced values, so changing them never recompiles, except
+top-k, whose k is a compile-time constant.
 
 Shape legend: B batch rows (prompts x samples), T new tokens, S cache length, V vocabulary.
 """
