@@ -51,20 +51,23 @@ def test_full_size_forward_shape_checks_without_allocating():
     assert logits.shape == (2, 4096, 128_256) and logits.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_kv_cache_decode_matches_full_forward_at_every_position(family):
+def test_kv_cache_decode_matches_full_forward_at_every_position(family, per_layer):
     cfg = SMALL[family]
     params = _random_params(cfg)
     B, T = 2, 20
     tokens = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
     full_logits, _ = model.forward(cfg, params, tokens)
+    if per_layer:  # the sampler's layout: a list of per-layer weights, a per-layer cache
+        params = {**params, "blocks": [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(cfg.n_layer)]}
 
     # Rows start decoding at different positions; the prefill of the shorter row carries
     # padding past its prompt, which decode must overwrite before anything attends to it.
     prompt_lens = np.array([5, 9])
     prefill = np.array(tokens[:, : prompt_lens.max()])
     prefill[0, prompt_lens[0]:] = 0
-    cache = model.init_cache(cfg, B, max_len=32)
+    cache = model.init_cache(cfg, B, max_len=32, per_layer=per_layer)
     positions = jnp.broadcast_to(jnp.arange(prefill.shape[1]), prefill.shape)
     step = jax.jit(functools.partial(model.forward, cfg))
     logits, cache = step(params, prefill, positions_BxT=positions, cache=cache)
