@@ -181,6 +181,23 @@ def _sampling_layout(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
     return cfg, params
 
 
+@functools.cache
+def _jitted_steps(cfg: ModelConfig) -> tuple[Callable, dict[bool, Callable]]:
+    """The jitted prefill step and decode steps (keyed by batch >= 8) for one config.
+
+    Built once per config and process, so engines made afresh (the training loop
+    makes one per sample) reuse the compilations instead of compiling again.
+    """
+    prefill = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5), static_argnames="top_k")
+    decode = functools.partial(_decode, cfg)
+    on_cpu = jax.default_backend() == "cpu"
+    return prefill, {
+        batched: jax.jit(decode, donate_argnums=(1, 2), static_argnames="top_k",
+                         compiler_options=_BATCHED_CPU_OPTIONS if batched and on_cpu else None)
+        for batched in (False, True)
+    }
+
+
 # XLA:CPU hands matrix products to YNNPACK by default. For a decode step at 8+ rows its
 # own (Eigen) kernels are faster: 1.52-1.58 s vs 1.86-1.92 s for 128 steps of the bench
 # model at batch 8; at batch 1 YNNPACK is ~10% faster, so small batches keep it.
@@ -209,13 +226,7 @@ class Engine:
             self._tool_ids[call_start] = (name, call_end, out_start, out_end)
         self._step_cfg, self._step_params = _sampling_layout(cfg, params)
         self._per_layer = isinstance(self._step_params["blocks"], list)
-        self._prefill = jax.jit(functools.partial(_step, self._step_cfg), donate_argnums=(1, 5), static_argnames="top_k")
-        decode = functools.partial(_decode, self._step_cfg)
-        self._decode = {
-            batched: jax.jit(decode, donate_argnums=(1, 2), static_argnames="top_k",
-                             compiler_options=_BATCHED_CPU_OPTIONS if batched and jax.default_backend() == "cpu" else None)
-            for batched in (False, True)
-        }
+        self._prefill, self._decode = _jitted_steps(self._step_cfg)
 
     def generate(
         self,

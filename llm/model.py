@@ -240,8 +240,8 @@ def hidden_states(
     block = functools.partial(_block, cfg, context)
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    # The whole cache rides in the carry and each layer writes its slots in place:
-    # scanning over a stacked cache instead would copy every layer's cache in and out.
+    # The whole cache rides in the carry and each layer writes its own slots: scanning
+    # over a stacked cache instead would copy every layer's cache in and out.
     # Blocks given as a list of per-layer trees (the sampler's layout, generate.py) run
     # unrolled and read each layer's weights in place; slicing a stacked layer out,
     # in a scan or not, copies its weights at every call.
