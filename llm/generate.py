@@ -80,7 +80,7 @@ def _candidates(
     set of most likely tokens whose probability reaches `top_p` (tokens tied with
     the last one kept are kept too; top-k keeps exactly k). Temperature 0 leaves the
     logits for argmax. `top_k` is a Python int (a compile-time constant) so that
-    `lax.top_k` picks the K candidates without sorting the vocabulary; everything
+    top-k picks the K candidates without sorting the vocabulary; everything
     after it, top-p and the draw itself, works on K values instead of V.
     """
     x_BxV = logits_BxV.astype(jnp.float32)
@@ -89,7 +89,7 @@ def _candidates(
         x_BxV = jnp.where(seen_BxV, penalised, x_BxV)
     x_BxV = x_BxV / jnp.where(temperature > 0, temperature, 1.0)
     if top_k:
-        x_BxK, ids_BxK = jax.lax.top_k(x_BxV, min(top_k, x_BxV.shape[-1]))
+        x_BxK, ids_BxK = top_k_by_blocks(x_BxV, min(top_k, x_BxV.shape[-1]))
     else:  # every token is a candidate; sort them only if top-p needs the order
 
         def by_probability(x):
@@ -105,6 +105,29 @@ def _candidates(
     n_keep_B = jnp.maximum(jnp.sum(mass_before_BxK < top_p, axis=-1), 1)
     threshold_Bx1 = jnp.take_along_axis(x_BxK, n_keep_B[:, None] - 1, axis=-1)
     return jnp.where((top_p < 1.0) & (x_BxK < threshold_Bx1), -jnp.inf, x_BxK), ids_BxK
+
+
+def top_k_by_blocks(x_BxV: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k` over the last axis, exactly, in two small passes instead of one over V.
+
+    Each block of `block` logits is summarised by its maximum; the k blocks with the
+    largest maxima hold the k largest logits (a logit outside them is at most its own
+    block's maximum, and each chosen block has a larger one, so k logits beat it), so
+    a second top_k runs over those k * block candidates. On XLA:CPU this is ~2.5x
+    faster than one top_k over a 50,304-token vocabulary (BENCHMARKS.md). Ties at the
+    k-th value may keep a different one of the tied tokens than `lax.top_k`.
+    """
+    B, V = x_BxV.shape
+    n_blocks = -(-V // block)
+    if n_blocks <= k:  # small vocabularies: nothing to skip
+        return jax.lax.top_k(x_BxV, k)
+    x_BxV = jnp.pad(x_BxV, ((0, 0), (0, n_blocks * block - V)), constant_values=-jnp.inf)
+    x_BxNxC = x_BxV.reshape(B, n_blocks, block)
+    _, blocks_BxK = jax.lax.top_k(x_BxNxC.max(axis=-1), k)
+    candidates_BxKxC = jnp.take_along_axis(x_BxNxC, blocks_BxK[:, :, None], axis=1)
+    x_BxK, at_BxK = jax.lax.top_k(candidates_BxKxC.reshape(B, k * block), k)
+    ids_BxK = jnp.take_along_axis(blocks_BxK, at_BxK // block, axis=1) * block + at_BxK % block
+    return x_BxK, ids_BxK
 
 
 def process_logits(logits_BxV: jax.Array, **controls) -> jax.Array:

@@ -13,7 +13,7 @@ from hf_models import gpt2, llama
 from scripted import TOKENIZER, script, scripted_gpt2
 from llm import hf, model
 from llm.config import ModelConfig
-from llm.generate import Engine, SamplingParams, process_logits, sample_tokens
+from llm.generate import Engine, SamplingParams, process_logits, sample_tokens, top_k_by_blocks
 from llm.tokenizer import tool_tokens
 from llm.tools import Calculator, Search
 
@@ -57,6 +57,20 @@ def test_top_k_of_one_is_greedy():
     logits = jax.random.normal(jax.random.key(0), (512, 50))
     drawn = sample_tokens(jax.random.key(1), logits, temperature=1.5, top_k=1)
     np.testing.assert_array_equal(drawn, jnp.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("vocab", [50_304, 1_000, 130])
+def test_top_k_by_blocks_is_exact(vocab):
+    logits = jax.random.normal(jax.random.key(vocab), (8, vocab)) * 3
+    coarse = jnp.round(logits)  # many ties, across blocks too
+    for x in (logits, coarse):
+        values, ids = top_k_by_blocks(x, 50)
+        expected_values, expected_ids = jax.lax.top_k(x, 50)
+        np.testing.assert_array_equal(values, expected_values)
+        np.testing.assert_array_equal(jnp.take_along_axis(x, ids, axis=1), values)  # ids point at their values
+        assert all(len(set(row)) == 50 for row in np.asarray(ids).tolist())  # no token twice
+        if x is logits:
+            np.testing.assert_array_equal(ids, expected_ids)
 
 
 def test_top_p_keeps_exactly_the_smallest_set_reaching_p():
