@@ -346,26 +346,22 @@ def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, c
 
 
 def _write_slots(slots: jax.Array, new_BxTxKxH: jax.Array, positions_BxT: jax.Array, layout: str) -> jax.Array:
-    """One layer's keys ("bksh") or values ("bkhs") with the new tokens written at their positions.
+    """One layer's keys ("bksh") or values ("bkhs") with each row's new tokens written at their positions.
 
-    One new token per row (decode): a dynamic-update-slice per row, in place. Several
-    (prefill): each slot blends in the token that lands on it, if any. A scatter at
-    per-row positions made XLA:CPU transpose the whole cache around it at every step.
+    A row's T tokens sit at consecutive positions (a prompt, a chunk of one, or one
+    decoded token), so each row is one in-place dynamic-update-slice at its first
+    position. A scatter at per-row positions made XLA:CPU transpose the whole cache
+    around it; blending the tokens in with a one-hot product costs B*T*S*K*H flops.
+    The caller keeps positions + T within the cache (dynamic-update-slice clamps).
     """
-    B, T = positions_BxT.shape
-    new_BxTxKxH = new_BxTxKxH.astype(slots.dtype)
-    if T == 1:
+    B = positions_BxT.shape[0]
+    new = jnp.einsum(f"btkh->{layout.replace('s', 't')}", new_BxTxKxH.astype(slots.dtype))  # as the slots hold them
 
-        def write_row(b, slots):
-            row = jnp.expand_dims(new_BxTxKxH[b, 0], [layout.index("b"), layout.index("s")])
-            start = [b if d == "b" else positions_BxT[b, 0] if d == "s" else 0 for d in layout]
-            return jax.lax.dynamic_update_slice(slots, row, start)
+    def write_row(b, slots):
+        start = [b if d == "b" else positions_BxT[b, 0] if d == "s" else 0 for d in layout]
+        return jax.lax.dynamic_update_slice(slots, jax.lax.dynamic_slice_in_dim(new, b, 1), start)
 
-        return jax.lax.fori_loop(0, B, write_row, slots, unroll=min(B, 8))
-    lands_BxTxS = positions_BxT[:, :, None] == jnp.arange(slots.shape[layout.index("s")])
-    new = jnp.einsum(f"bts,btkh->{layout}", lands_BxTxS.astype(slots.dtype), new_BxTxKxH)
-    hit = jnp.expand_dims(lands_BxTxS.any(axis=1), [layout.index("k"), layout.index("h")])
-    return jnp.where(hit, new, slots)
+    return jax.lax.fori_loop(0, B, write_row, slots, unroll=min(B, 8))
 
 
 def _cached_attention(
