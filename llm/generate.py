@@ -113,15 +113,17 @@ def top_k_by_blocks(x_BxV: jax.Array, k: int, block: int = 128) -> tuple[jax.Arr
     Each block of `block` logits is summarised by its maximum; the k blocks with the
     largest maxima hold the k largest logits (a logit outside them is at most its own
     block's maximum, and each chosen block has a larger one, so k logits beat it), so
-    a second top_k runs over those k * block candidates. On XLA:CPU this is ~2.5x
-    faster than one top_k over a 50,304-token vocabulary (BENCHMARKS.md). Ties at the
-    k-th value may keep a different one of the tied tokens than `lax.top_k`.
+    a second top_k runs over those k * block candidates. XLA:CPU's top_k works through
+    rows one after another; over 8 rows of a 50,304-token vocabulary this is 1.3-2.5x
+    faster (bench/top_k.py, BENCHMARKS.md). Ties at the k-th value may keep a
+    different one of the tied tokens than `lax.top_k`.
     """
     B, V = x_BxV.shape
     n_blocks = -(-V // block)
     if n_blocks <= k:  # small vocabularies: nothing to skip
         return jax.lax.top_k(x_BxV, k)
-    x_BxV = jnp.pad(x_BxV, ((0, 0), (0, n_blocks * block - V)), constant_values=-jnp.inf)
+    if n_blocks * block != V:
+        x_BxV = jnp.pad(x_BxV, ((0, 0), (0, n_blocks * block - V)), constant_values=-jnp.inf)
     x_BxNxC = x_BxV.reshape(B, n_blocks, block)
     _, blocks_BxK = jax.lax.top_k(x_BxNxC.max(axis=-1), k)
     candidates_BxKxC = jnp.take_along_axis(x_BxNxC, blocks_BxK[:, :, None], axis=1)
