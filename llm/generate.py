@@ -153,14 +153,15 @@ def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, se
     """Runs the new tokens through the model and samples each row's next token.
 
     `last_B` indexes each row's last real token within T (prefill rows are right-padded).
-    Returns (next token, its log-probability, cache, seen-token mask).
+    Returns (next token, its log-probability, cache, seen-token mask or None).
     """
     x_BxTxD, cache = model.hidden_states(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
     B, T = tokens_BxT.shape
     # Only each row's last position is sampled from: the output head runs on B rows, not B*T.
     logits_BxV = model.output_logits(cfg, params, x_BxTxD[jnp.arange(B), last_B][:, None])[:, 0]
-    real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
-    seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
+    if seen_BxV is not None:  # tracked only under a repetition penalty
+        real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
+        seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
     next_B = sample_tokens(jax.random.fold_in(key, step), logits_BxV, seen_BxV=seen_BxV, top_k=top_k, **controls)
     # log p(next) = logit - logsumexp: two reductions, no [B, V] log-softmax written out.
     logprob_B = jnp.take_along_axis(logits_BxV, next_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_BxV, axis=-1)
@@ -289,7 +290,8 @@ class Engine:
             repetition_penalty=jnp.float32(sampling.repetition_penalty),
         )
         key = jax.random.key(sampling.seed)
-        seen_BxV = jnp.zeros((B, self.cfg.vocab_size), bool)
+        # Which tokens each row has seen, for the repetition penalty; None (nothing to track) without one.
+        seen_BxV = jnp.zeros((B, self.cfg.vocab_size), bool) if sampling.repetition_penalty != 1.0 else None
         positions_BxP = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
         next_B, logprob_B, cache, seen_BxV = self._prefill(
             self._step_params, model.init_cache(self.cfg, B, S, per_layer=self._per_layer), tokens_BxP, positions_BxP, last_B, seen_BxV, key,
