@@ -149,7 +149,8 @@ def sample_tokens(key: jax.Array, logits_BxV: jax.Array, temperature: jax.Array 
 # ----------------------------------------------------------------------------- the jitted step
 
 
-def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, step, controls, top_k):
+def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, step, controls, top_k,
+          vocab_major=False):
     """Runs the new tokens through the model and samples each row's next token.
 
     `last_B` indexes each row's last real token within T (prefill rows are right-padded).
@@ -158,7 +159,7 @@ def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, se
     x_BxTxD, cache = model.hidden_states(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
     B, T = tokens_BxT.shape
     # Only each row's last position is sampled from: the output head runs on B rows, not B*T.
-    logits_BxV = model.output_logits(cfg, params, x_BxTxD[jnp.arange(B), last_B][:, None])[:, 0]
+    logits_BxV = _head(cfg, params, x_BxTxD[jnp.arange(B), last_B], vocab_major)
     if seen_BxV is not None:  # tracked only under a repetition penalty
         real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
         seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
@@ -168,7 +169,22 @@ def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, se
     return next_B, logprob_B, cache, seen_BxV
 
 
-def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, key, controls, top_k):
+def _head(cfg: ModelConfig, params, x_BxD: jax.Array, vocab_major: bool) -> jax.Array:
+    """Float32 logits [B, V] of the rows sampled from.
+
+    vocab_major (the CPU layout at 8+ rows) multiplies the [V, D] table by the rows,
+    which XLA:CPU's GEMM does 1.3-1.6x faster than rows by [D, V] (BENCHMARKS.md),
+    then transposes the [V, B] logits; the barrier keeps XLA from folding the
+    transpose back into the product.
+    """
+    if not vocab_major:
+        return model.output_logits(cfg, params, x_BxD[:, None])[:, 0]
+    table_VxD = params["lm_head_VxD"].astype(x_BxD.dtype)
+    logits_VxB = jnp.einsum("vd,bd->vb", table_VxD, x_BxD, preferred_element_type=jnp.float32)
+    return model.soft_cap(cfg, jax.lax.optimization_barrier(logits_VxB).T)
+
+
+def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, key, controls, top_k, vocab_major=False):
     """One decode step whose inputs are the previous step's outputs, so steps can be queued ahead of the host.
 
     inputs = (token_B, position_B, step): by default each row feeds the token it just
@@ -183,28 +199,30 @@ def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, ke
     position_B = jnp.where(override_B, overrides_Bx2[:, 1], position_B)
     next_B, logprob_B, cache, seen_BxV = _step(
         cfg, params, cache, token_B[:, None], position_B[:, None], jnp.zeros_like(position_B), seen_BxV, key, step,
-        controls, top_k,
+        controls, top_k, vocab_major,
     )
     S = model.cache_length(cache)
     return next_B, logprob_B, cache, seen_BxV, (next_B, jnp.minimum(position_B + 1, S - 1), step + 1)
 
 
 def _sampling_layout(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
-    """The config and parameters the sampling step runs on: on CPU, per-layer blocks and an untied [D, V] head.
+    """The config and parameters the sampling step runs on: on CPU, per-layer blocks and the head both ways round.
 
-    A decode step is a few matrix-vector products per row, memory-bound streams of
-    weights, so on CPU the step reads weights in the layout that streams fastest,
-    at the cost of one extra copy of the parameters: each layer as its own buffer
-    (slicing a stacked layer copies it at every step) and the head as [D, V], which
-    XLA:CPU multiplies ~1.5x faster than the tied [V, D] table (BENCHMARKS.md).
-    Accelerators keep the training layout and its memory.
+    A decode step is a few small matrix products per row, memory-bound streams of
+    weights, so on CPU the step reads weights in the layouts XLA:CPU streams
+    fastest, at the cost of one extra copy of the parameters: each layer as its own
+    buffer (slicing a stacked layer copies it at every step), the head as [D, V]
+    for a few rows (~1.5x faster than the tied [V, D] table at batch 1) and as
+    [V, D] for 8+ rows (see _head; BENCHMARKS.md). Accelerators keep the training
+    layout and its memory.
     """
     if jax.default_backend() != "cpu":
         return cfg, params
-    params = {**params, "blocks": [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(cfg.n_layer)]}
-    if cfg.tie_embeddings:
-        cfg, params = dataclasses.replace(cfg, tie_embeddings=False), {**params, "lm_head": params["embed"].T}
-    return cfg, params
+    head_DxV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    head_VxD = params["embed"] if cfg.tie_embeddings else params["lm_head"].T
+    blocks = [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(cfg.n_layer)]
+    params = {**params, "blocks": blocks, "lm_head": head_DxV, "lm_head_VxD": head_VxD}
+    return dataclasses.replace(cfg, tie_embeddings=False), params
 
 
 @functools.cache
@@ -214,11 +232,11 @@ def _jitted_steps(cfg: ModelConfig) -> tuple[Callable, dict[bool, Callable]]:
     Built once per config and process, so engines made afresh (the training loop
     makes one per sample) reuse the compilations instead of compiling again.
     """
-    prefill = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5), static_argnames="top_k")
+    prefill = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5), static_argnames=("top_k", "vocab_major"))
     decode = functools.partial(_decode, cfg)
     on_cpu = jax.default_backend() == "cpu"
     return prefill, {
-        batched: jax.jit(decode, donate_argnums=(1, 2), static_argnames="top_k",
+        batched: jax.jit(decode, donate_argnums=(1, 2), static_argnames=("top_k", "vocab_major"),
                          compiler_options=_BATCHED_CPU_OPTIONS if batched and on_cpu else None)
         for batched in (False, True)
     }
@@ -290,12 +308,13 @@ class Engine:
             repetition_penalty=jnp.float32(sampling.repetition_penalty),
         )
         key = jax.random.key(sampling.seed)
+        vocab_major = B >= 8 and "lm_head_VxD" in self._step_params  # see _head
         # Which tokens each row has seen, for the repetition penalty; None (nothing to track) without one.
         seen_BxV = jnp.zeros((B, self.cfg.vocab_size), bool) if sampling.repetition_penalty != 1.0 else None
         positions_BxP = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
         next_B, logprob_B, cache, seen_BxV = self._prefill(
             self._step_params, model.init_cache(self.cfg, B, S, per_layer=self._per_layer), tokens_BxP, positions_BxP, last_B, seen_BxV, key,
-            np.int32(0), controls, top_k=sampling.top_k,
+            np.int32(0), controls, top_k=sampling.top_k, vocab_major=vocab_major,
         )
         inputs = (next_B, jnp.asarray(last_B + 1), jnp.int32(1))
         no_overrides = jnp.asarray(np.full((B, 2), -1, np.int32))
@@ -321,7 +340,7 @@ class Engine:
                 forced_B = overrides_Bx2[:, 1] >= 0
                 next_B, logprob_B, cache, seen_BxV, inputs = self._decode[B >= 8](
                     self._step_params, cache, seen_BxV, inputs, overrides_Bx2 if forced_B.any() else no_overrides, key, controls,
-                    top_k=sampling.top_k,
+                    top_k=sampling.top_k, vocab_major=vocab_major,
                 )
                 # Unforced rows feed the pending step's samples, one position on; known once that step is read.
                 fed = _Fed(np.where(forced_B, overrides_Bx2[:, 1], np.minimum(pending[2].position_B + 1, S - 1)),

@@ -21,10 +21,12 @@ SMALL = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_embd=64, n_head=
                     max_seq_len=64, tie_embeddings=False)
 
 
-def test_greedy_with_cache_equals_argmax_of_full_recomputation():
+@pytest.mark.parametrize("n_prompts", [2, 8], ids=["few_rows", "batched"])  # 8+ rows: the batched CPU step
+def test_greedy_with_cache_equals_argmax_of_full_recomputation(n_prompts):
     params = model.init_params(SMALL, jax.random.key(0))
     params = jax.tree.map(lambda x: x * 4, params)  # sharper logits: no near-ties between candidates
-    prompts = [[5, 17, 3], [9, 1, 44, 2, 61, 7, 30]]
+    lengths = np.random.RandomState(n_prompts).randint(1, 12, n_prompts)
+    prompts = [np.random.RandomState(i).randint(0, SMALL.vocab_size, n).tolist() for i, n in enumerate(lengths)]
     samples = Engine(SMALL, params).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
     forward = jax.jit(functools.partial(model.forward, SMALL))
     for prompt, [sample] in zip(prompts, samples):
