@@ -1,14 +1,14 @@
 """Sampling speed of our engine against `transformers.generate`, same model, same settings, one run.
 
-    python -m bench.generate [--layers 4 --d-model 256 --new-tokens 128 --prompt-len 128]
+    python -m bench.generate [--layers 4 --d-model 256 --new-tokens 128 --prompt-len 128 --repeats 5]
 
 Both sides sample a GPT-2-architecture model (4 layers, d_model 256, 4 heads,
 vocab 50,304, random weights) with temperature 0.8 and top-k 50, no stop token,
 so every row generates exactly `--new-tokens`. Prefill tokens/s is the prompt
 tokens over the time of a one-token generation; decode tokens/s is the generated
 tokens over the rest of the time. Compilation is excluded (one warm-up run each);
-each time is the best of REPEATS rounds in which the two sides take turns, so a
-noisy shared machine weighs on both alike.
+each time is the best of `--repeats` rounds in which the two sides take turns, so
+a noisy shared machine weighs on both alike.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from llm import hf, model
 from llm.config import ModelConfig
 from llm.generate import Engine, SamplingParams
 
-
-REPEATS = 3
 
 
 def ours(cfg: ModelConfig, params, prompts: np.ndarray) -> Callable[[int], None]:
@@ -63,12 +61,12 @@ def theirs(cfg: ModelConfig, params, prompts: np.ndarray) -> Callable[[int], Non
     return run
 
 
-def measure(runs: dict[str, Callable[[int], None]], new_tokens: int) -> dict[str, tuple[float, float]]:
-    """Best (prefill s, total s) of REPEATS rounds per side, the sides taking turns within each round."""
+def measure(runs: dict[str, Callable[[int], None]], new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best (prefill s, total s) of `repeats` rounds per side, the sides taking turns within each round."""
     for run in runs.values():  # compile / warm up
         run(new_tokens)
     best = {name: (float("inf"), float("inf")) for name in runs}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for name, run in runs.items():
             prefill_s, total_s = _timed(lambda: run(1)), _timed(lambda: run(new_tokens))
             best[name] = (min(best[name][0], prefill_s), min(best[name][1], total_s))
@@ -90,6 +88,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per side; each time is the best")
     args = parser.parse_args()
     cfg = ModelConfig(family="gpt2", vocab_size=args.vocab, n_layer=args.layers, n_embd=args.d_model,
                       n_head=args.heads, n_kv_head=args.heads, mlp_dim=4 * args.d_model, max_seq_len=1024,
@@ -102,7 +101,7 @@ def main() -> None:
     for batch in args.batches:
         prompts = np.random.RandomState(batch).randint(0, args.vocab, (batch, args.prompt_len))
         times = measure({"ours (JAX)": ours(cfg, params, prompts), "transformers": theirs(cfg, params, prompts)},
-                        args.new_tokens)
+                        args.new_tokens, args.repeats)
         rows = {}
         for name, (prefill_s, total_s) in times.items():
             rows[name] = (batch * args.prompt_len / prefill_s, batch * (args.new_tokens - 1) / (total_s - prefill_s))
