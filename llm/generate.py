@@ -64,15 +64,16 @@ class Sample:
 
 
 def _candidates(
-    logits_BxV: jax.Array,
+    logits: jax.Array,
     *,
     temperature: jax.Array | float = 1.0,
     top_k: int = 0,
     top_p: jax.Array | float = 1.0,
     repetition_penalty: jax.Array | float = 1.0,
     seen_BxV: jax.Array | None = None,
+    vocab_major: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """The tokens that may be sampled, most likely first, and their processed logits (-inf if cut).
+    """The tokens that may be sampled, most likely first, and their processed logits (-inf if cut): two [B, K] arrays.
 
     Order and rules follow `transformers`: repetition penalty (CTRL, Keskar et al.
     2019: a seen token's logit is divided by the penalty if positive, multiplied if
@@ -82,14 +83,19 @@ def _candidates(
     logits for argmax. `top_k` is a Python int (a compile-time constant) so that
     top-k picks the K candidates without sorting the vocabulary; everything
     after it, top-p and the draw itself, works on K values instead of V.
+    `logits` are [B, V], or [V, B] if `vocab_major` (the CPU head's layout at 8+ rows).
     """
-    x_BxV = logits_BxV.astype(jnp.float32)
+    x = logits.astype(jnp.float32)
+    if vocab_major and (seen_BxV is not None or not top_k):  # only top-k reads the vocabulary-major layout
+        x, vocab_major = x.T, False
     if seen_BxV is not None:
-        penalised = jnp.where(x_BxV > 0, x_BxV / repetition_penalty, x_BxV * repetition_penalty)
-        x_BxV = jnp.where(seen_BxV, penalised, x_BxV)
-    x_BxV = x_BxV / jnp.where(temperature > 0, temperature, 1.0)
+        penalised = jnp.where(x > 0, x / repetition_penalty, x * repetition_penalty)
+        x = jnp.where(seen_BxV, penalised, x)
+    temperature = jnp.where(temperature > 0, temperature, 1.0)
     if top_k:
-        x_BxK, ids_BxK = top_k_by_blocks(x_BxV, min(top_k, x_BxV.shape[-1]))
+        # Dividing by a positive temperature keeps the order, so it is applied to the K picked, not to all V.
+        x_BxK, ids_BxK = top_k_by_blocks(x, min(top_k, x.shape[0 if vocab_major else 1]), vocab_major=vocab_major)
+        x_BxK = x_BxK / temperature
     else:  # every token is a candidate; sort them only if top-p needs the order
 
         def by_probability(x):
@@ -99,7 +105,7 @@ def _candidates(
         def as_is(x):
             return x, jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
 
-        x_BxK, ids_BxK = jax.lax.cond(top_p < 1.0, by_probability, as_is, x_BxV)
+        x_BxK, ids_BxK = jax.lax.cond(top_p < 1.0, by_probability, as_is, x / temperature)
     probs_BxK = jax.nn.softmax(x_BxK, axis=-1)
     mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
     n_keep_B = jnp.maximum(jnp.sum(mass_before_BxK < top_p, axis=-1), 1)
@@ -107,8 +113,8 @@ def _candidates(
     return jnp.where((top_p < 1.0) & (x_BxK < threshold_Bx1), -jnp.inf, x_BxK), ids_BxK
 
 
-def top_k_by_blocks(x_BxV: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
-    """`lax.top_k` over the last axis, exactly, in two small passes instead of one over V.
+def top_k_by_blocks(x: jax.Array, k: int, block: int = 128, vocab_major: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k` over the vocabulary, exactly, in two small passes instead of one over V: [B, k] values and ids.
 
     Each block of `block` logits is summarised by its maximum; the k blocks with the
     largest maxima hold the k largest logits (a logit outside them is at most its own
@@ -116,18 +122,24 @@ def top_k_by_blocks(x_BxV: jax.Array, k: int, block: int = 128) -> tuple[jax.Arr
     a second top_k runs over those k * block candidates. XLA:CPU's top_k works through
     rows one after another; over 8 rows of a 50,304-token vocabulary this is 1.3-2.5x
     faster (bench/top_k.py, BENCHMARKS.md). Ties at the k-th value may keep a
-    different one of the tied tokens than `lax.top_k`.
+    different one of the tied tokens than `lax.top_k`. `x` is [B, V], or [V, B] if
+    `vocab_major`, which is read in place (no [B, V] transpose is written).
     """
-    B, V = x_BxV.shape
+    V = x.shape[0 if vocab_major else 1]
     n_blocks = -(-V // block)
     if n_blocks <= k:  # small vocabularies: nothing to skip
-        return jax.lax.top_k(x_BxV, k)
-    if n_blocks * block != V:
-        x_BxV = jnp.pad(x_BxV, ((0, 0), (0, n_blocks * block - V)), constant_values=-jnp.inf)
-    x_BxNxC = x_BxV.reshape(B, n_blocks, block)
-    _, blocks_BxK = jax.lax.top_k(x_BxNxC.max(axis=-1), k)
-    candidates_BxKxC = jnp.take_along_axis(x_BxNxC, blocks_BxK[:, :, None], axis=1)
-    x_BxK, at_BxK = jax.lax.top_k(candidates_BxKxC.reshape(B, k * block), k)
+        return jax.lax.top_k(x.T if vocab_major else x, k)
+    padding = [(0, n_blocks * block - V), (0, 0)] if vocab_major else [(0, 0), (0, n_blocks * block - V)]
+    x = jnp.pad(x, padding, constant_values=-jnp.inf)
+    if vocab_major:
+        x_NxCxB = x.reshape(n_blocks, block, -1)
+        _, blocks_BxK = jax.lax.top_k(x_NxCxB.max(axis=1).T, k)
+        candidates_BxKxC = x_NxCxB[blocks_BxK, :, jnp.arange(x.shape[1])[:, None]]
+    else:
+        x_BxNxC = x.reshape(x.shape[0], n_blocks, block)
+        _, blocks_BxK = jax.lax.top_k(x_BxNxC.max(axis=-1), k)
+        candidates_BxKxC = jnp.take_along_axis(x_BxNxC, blocks_BxK[:, :, None], axis=1)
+    x_BxK, at_BxK = jax.lax.top_k(candidates_BxKxC.reshape(-1, k * block), k)
     ids_BxK = jnp.take_along_axis(blocks_BxK, at_BxK // block, axis=1) * block + at_BxK % block
     return x_BxK, ids_BxK
 
@@ -139,9 +151,12 @@ def process_logits(logits_BxV: jax.Array, **controls) -> jax.Array:
     return jnp.full(logits_BxV.shape, -jnp.inf).at[jnp.arange(B)[:, None], ids_BxK].set(x_BxK)
 
 
-def sample_tokens(key: jax.Array, logits_BxV: jax.Array, temperature: jax.Array | float = 1.0, **controls) -> jax.Array:
-    """One token per row: argmax at temperature 0, else a draw from the candidates' processed logits."""
-    x_BxK, ids_BxK = _candidates(logits_BxV, temperature=temperature, **controls)
+def sample_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array | float = 1.0, **controls) -> jax.Array:
+    """One token per row: argmax at temperature 0, else a draw from the candidates' processed logits.
+
+    `logits` are [B, V], or [V, B] with `vocab_major=True` (see _candidates).
+    """
+    x_BxK, ids_BxK = _candidates(logits, temperature=temperature, **controls)
     choice_B = jnp.where(temperature > 0, jax.random.categorical(key, x_BxK, axis=-1), jnp.argmax(x_BxK, axis=-1))
     return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0]
 
@@ -159,29 +174,31 @@ def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, se
     x_BxTxD, cache = model.hidden_states(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
     B, T = tokens_BxT.shape
     # Only each row's last position is sampled from: the output head runs on B rows, not B*T.
-    logits_BxV = _head(cfg, params, x_BxTxD[jnp.arange(B), last_B], vocab_major)
+    logits = _head(cfg, params, x_BxTxD[jnp.arange(B), last_B], vocab_major)  # [B, V], or [V, B] if vocab_major
     if seen_BxV is not None:  # tracked only under a repetition penalty
         real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
         seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
-    next_B = sample_tokens(jax.random.fold_in(key, step), logits_BxV, seen_BxV=seen_BxV, top_k=top_k, **controls)
-    # log p(next) = logit - logsumexp: two reductions, no [B, V] log-softmax written out.
-    logprob_B = jnp.take_along_axis(logits_BxV, next_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_BxV, axis=-1)
+    next_B = sample_tokens(jax.random.fold_in(key, step), logits, seen_BxV=seen_BxV, top_k=top_k,
+                           vocab_major=vocab_major, **controls)
+    # log p(next) = logit - logsumexp: two reductions, no log-softmax over the vocabulary written out.
+    vocab_axis = 0 if vocab_major else 1
+    logit_B = jnp.take_along_axis(logits, jnp.expand_dims(next_B, vocab_axis), axis=vocab_axis).squeeze(vocab_axis)
+    logprob_B = logit_B - jax.nn.logsumexp(logits, axis=vocab_axis)
     return next_B, logprob_B, cache, seen_BxV
 
 
 def _head(cfg: ModelConfig, params, x_BxD: jax.Array, vocab_major: bool) -> jax.Array:
-    """Float32 logits [B, V] of the rows sampled from.
+    """Float32 logits of the rows sampled from: [B, V], or [V, B] if vocab_major.
 
     vocab_major (the CPU layout at 8+ rows) multiplies the [V, D] table by the rows,
-    which XLA:CPU's GEMM does 1.3-1.6x faster than rows by [D, V] (BENCHMARKS.md),
-    then transposes the [V, B] logits; the barrier keeps XLA from folding the
-    transpose back into the product.
+    which XLA:CPU's GEMM does 1.3-1.6x faster than rows by [D, V] (BENCHMARKS.md).
+    The logits stay [V, B]: top-k and the log-probabilities read them in place, which
+    is cheaper than transposing 8 x 50,304 logits for them.
     """
     if not vocab_major:
         return model.output_logits(cfg, params, x_BxD[:, None])[:, 0]
     table_VxD = params["lm_head_VxD"].astype(x_BxD.dtype)
-    logits_VxB = jnp.einsum("vd,bd->vb", table_VxD, x_BxD, preferred_element_type=jnp.float32)
-    return model.soft_cap(cfg, jax.lax.optimization_barrier(logits_VxB).T)
+    return model.soft_cap(cfg, jnp.einsum("vd,bd->vb", table_VxD, x_BxD, preferred_element_type=jnp.float32))
 
 
 def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, key, controls, top_k, vocab_major=False):
