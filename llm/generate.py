@@ -64,14 +64,13 @@ class Sample:
 
 
 def _candidates(
-    logits: jax.Array,
+    logits_BxV: jax.Array,
     *,
     temperature: jax.Array | float = 1.0,
     top_k: int = 0,
     top_p: jax.Array | float = 1.0,
     repetition_penalty: jax.Array | float = 1.0,
     seen_BxV: jax.Array | None = None,
-    vocab_major: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """The tokens that may be sampled, most likely first, and their processed logits (-inf if cut): two [B, K] arrays.
 
@@ -83,18 +82,15 @@ def _candidates(
     logits for argmax. `top_k` is a Python int (a compile-time constant) so that
     top-k picks the K candidates without sorting the vocabulary; everything
     after it, top-p and the draw itself, works on K values instead of V.
-    `logits` are [B, V], or [V, B] if `vocab_major` (the CPU head's layout at 8+ rows).
     """
-    x = logits.astype(jnp.float32)
-    if vocab_major and (seen_BxV is not None or not top_k):  # only top-k reads the vocabulary-major layout
-        x, vocab_major = x.T, False
+    x_BxV = logits_BxV.astype(jnp.float32)
     if seen_BxV is not None:
-        penalised = jnp.where(x > 0, x / repetition_penalty, x * repetition_penalty)
-        x = jnp.where(seen_BxV, penalised, x)
+        penalised = jnp.where(x_BxV > 0, x_BxV / repetition_penalty, x_BxV * repetition_penalty)
+        x_BxV = jnp.where(seen_BxV, penalised, x_BxV)
     temperature = jnp.where(temperature > 0, temperature, 1.0)
     if top_k:
         # Dividing by a positive temperature keeps the order, so it is applied to the K picked, not to all V.
-        x_BxK, ids_BxK = top_k_by_blocks(x, min(top_k, x.shape[0 if vocab_major else 1]), vocab_major=vocab_major)
+        x_BxK, ids_BxK = top_k_by_blocks(x_BxV, min(top_k, x_BxV.shape[-1]))
         x_BxK = x_BxK / temperature
     else:  # every token is a candidate; sort them only if top-p needs the order
 
@@ -105,7 +101,7 @@ def _candidates(
         def as_is(x):
             return x, jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
 
-        x_BxK, ids_BxK = jax.lax.cond(top_p < 1.0, by_probability, as_is, x / temperature)
+        x_BxK, ids_BxK = jax.lax.cond(top_p < 1.0, by_probability, as_is, x_BxV / temperature)
     probs_BxK = jax.nn.softmax(x_BxK, axis=-1)
     mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
     n_keep_B = jnp.maximum(jnp.sum(mass_before_BxK < top_p, axis=-1), 1)
@@ -113,8 +109,8 @@ def _candidates(
     return jnp.where((top_p < 1.0) & (x_BxK < threshold_Bx1), -jnp.inf, x_BxK), ids_BxK
 
 
-def top_k_by_blocks(x: jax.Array, k: int, block: int = 128, vocab_major: bool = False) -> tuple[jax.Array, jax.Array]:
-    """`lax.top_k` over the vocabulary, exactly, in two small passes instead of one over V: [B, k] values and ids.
+def top_k_by_blocks(x_BxV: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k` over the last axis, exactly, in two small passes instead of one over V.
 
     Each block of `block` logits is summarised by its maximum; the k blocks with the
     largest maxima hold the k largest logits (a logit outside them is at most its own
@@ -122,24 +118,18 @@ def top_k_by_blocks(x: jax.Array, k: int, block: int = 128, vocab_major: bool = 
     a second top_k runs over those k * block candidates. XLA:CPU's top_k works through
     rows one after another; over 8 rows of a 50,304-token vocabulary this is 1.3-2.5x
     faster (bench/top_k.py, BENCHMARKS.md). Ties at the k-th value may keep a
-    different one of the tied tokens than `lax.top_k`. `x` is [B, V], or [V, B] if
-    `vocab_major`, which is read in place (no [B, V] transpose is written).
+    different one of the tied tokens than `lax.top_k`.
     """
-    V = x.shape[0 if vocab_major else 1]
+    B, V = x_BxV.shape
     n_blocks = -(-V // block)
     if n_blocks <= k:  # small vocabularies: nothing to skip
-        return jax.lax.top_k(x.T if vocab_major else x, k)
-    padding = [(0, n_blocks * block - V), (0, 0)] if vocab_major else [(0, 0), (0, n_blocks * block - V)]
-    x = jnp.pad(x, padding, constant_values=-jnp.inf)
-    if vocab_major:
-        x_NxCxB = x.reshape(n_blocks, block, -1)
-        _, blocks_BxK = jax.lax.top_k(x_NxCxB.max(axis=1).T, k)
-        candidates_BxKxC = x_NxCxB[blocks_BxK, :, jnp.arange(x.shape[1])[:, None]]
-    else:
-        x_BxNxC = x.reshape(x.shape[0], n_blocks, block)
-        _, blocks_BxK = jax.lax.top_k(x_BxNxC.max(axis=-1), k)
-        candidates_BxKxC = jnp.take_along_axis(x_BxNxC, blocks_BxK[:, :, None], axis=1)
-    x_BxK, at_BxK = jax.lax.top_k(candidates_BxKxC.reshape(-1, k * block), k)
+        return jax.lax.top_k(x_BxV, k)
+    if n_blocks * block != V:
+        x_BxV = jnp.pad(x_BxV, ((0, 0), (0, n_blocks * block - V)), constant_values=-jnp.inf)
+    x_BxNxC = x_BxV.reshape(B, n_blocks, block)
+    _, blocks_BxK = jax.lax.top_k(x_BxNxC.max(axis=-1), k)
+    candidates_BxKxC = jnp.take_along_axis(x_BxNxC, blocks_BxK[:, :, None], axis=1)
+    x_BxK, at_BxK = jax.lax.top_k(candidates_BxKxC.reshape(B, k * block), k)
     ids_BxK = jnp.take_along_axis(blocks_BxK, at_BxK // block, axis=1) * block + at_BxK % block
     return x_BxK, ids_BxK
 
@@ -151,12 +141,9 @@ def process_logits(logits_BxV: jax.Array, **controls) -> jax.Array:
     return jnp.full(logits_BxV.shape, -jnp.inf).at[jnp.arange(B)[:, None], ids_BxK].set(x_BxK)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array | float = 1.0, **controls) -> jax.Array:
-    """One token per row: argmax at temperature 0, else a draw from the candidates' processed logits.
-
-    `logits` are [B, V], or [V, B] with `vocab_major=True` (see _candidates).
-    """
-    x_BxK, ids_BxK = _candidates(logits, temperature=temperature, **controls)
+def sample_tokens(key: jax.Array, logits_BxV: jax.Array, temperature: jax.Array | float = 1.0, **controls) -> jax.Array:
+    """One token per row: argmax at temperature 0, else a draw from the candidates' processed logits."""
+    x_BxK, ids_BxK = _candidates(logits_BxV, temperature=temperature, **controls)
     choice_B = jnp.where(temperature > 0, jax.random.categorical(key, x_BxK, axis=-1), jnp.argmax(x_BxK, axis=-1))
     return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0]
 
@@ -164,8 +151,7 @@ def sample_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array | fl
 # ----------------------------------------------------------------------------- the jitted step
 
 
-def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, step, controls, top_k,
-          vocab_major=False):
+def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, step, controls, top_k):
     """Runs the new tokens through the model and samples each row's next token.
 
     `last_B` indexes each row's last real token within T (prefill rows are right-padded).
@@ -174,34 +160,17 @@ def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, se
     x_BxTxD, cache = model.hidden_states(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
     B, T = tokens_BxT.shape
     # Only each row's last position is sampled from: the output head runs on B rows, not B*T.
-    logits = _head(cfg, params, x_BxTxD[jnp.arange(B), last_B], vocab_major)  # [B, V], or [V, B] if vocab_major
+    logits_BxV = model.output_logits(cfg, params, x_BxTxD[jnp.arange(B), last_B][:, None])[:, 0]
     if seen_BxV is not None:  # tracked only under a repetition penalty
         real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
         seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
-    next_B = sample_tokens(jax.random.fold_in(key, step), logits, seen_BxV=seen_BxV, top_k=top_k,
-                           vocab_major=vocab_major, **controls)
-    # log p(next) = logit - logsumexp: two reductions, no log-softmax over the vocabulary written out.
-    vocab_axis = 0 if vocab_major else 1
-    logit_B = jnp.take_along_axis(logits, jnp.expand_dims(next_B, vocab_axis), axis=vocab_axis).squeeze(vocab_axis)
-    logprob_B = logit_B - jax.nn.logsumexp(logits, axis=vocab_axis)
+    next_B = sample_tokens(jax.random.fold_in(key, step), logits_BxV, seen_BxV=seen_BxV, top_k=top_k, **controls)
+    # log p(next) = logit - logsumexp: two reductions, no [B, V] log-softmax written out.
+    logprob_B = jnp.take_along_axis(logits_BxV, next_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_BxV, axis=-1)
     return next_B, logprob_B, cache, seen_BxV
 
 
-def _head(cfg: ModelConfig, params, x_BxD: jax.Array, vocab_major: bool) -> jax.Array:
-    """Float32 logits of the rows sampled from: [B, V], or [V, B] if vocab_major.
-
-    vocab_major (the CPU layout at 8+ rows) multiplies the [V, D] table by the rows,
-    which XLA:CPU's GEMM does 1.3-1.6x faster than rows by [D, V] (BENCHMARKS.md).
-    The logits stay [V, B]: top-k and the log-probabilities read them in place, which
-    is cheaper than transposing 8 x 50,304 logits for them.
-    """
-    if not vocab_major:
-        return model.output_logits(cfg, params, x_BxD[:, None])[:, 0]
-    table_VxD = params["lm_head_VxD"].astype(x_BxD.dtype)
-    return model.soft_cap(cfg, jnp.einsum("vd,bd->vb", table_VxD, x_BxD, preferred_element_type=jnp.float32))
-
-
-def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, key, controls, top_k, vocab_major=False):
+def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, key, controls, top_k):
     """One decode step whose inputs are the previous step's outputs, so steps can be queued ahead of the host.
 
     inputs = (token_B, position_B, step): by default each row feeds the token it just
@@ -216,30 +185,28 @@ def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, ke
     position_B = jnp.where(override_B, overrides_Bx2[:, 1], position_B)
     next_B, logprob_B, cache, seen_BxV = _step(
         cfg, params, cache, token_B[:, None], position_B[:, None], jnp.zeros_like(position_B), seen_BxV, key, step,
-        controls, top_k, vocab_major,
+        controls, top_k,
     )
     S = model.cache_length(cache)
     return next_B, logprob_B, cache, seen_BxV, (next_B, jnp.minimum(position_B + 1, S - 1), step + 1)
 
 
 def _sampling_layout(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
-    """The config and parameters the sampling step runs on: on CPU, per-layer blocks and the head both ways round.
+    """The config and parameters the sampling step runs on: on CPU, per-layer blocks and an untied [D, V] head.
 
-    A decode step is a few small matrix products per row, memory-bound streams of
-    weights, so on CPU the step reads weights in the layouts XLA:CPU streams
-    fastest, at the cost of one extra copy of the parameters: each layer as its own
-    buffer (slicing a stacked layer copies it at every step), the head as [D, V]
-    for a few rows (~1.5x faster than the tied [V, D] table at batch 1) and as
-    [V, D] for 8+ rows (see _head; BENCHMARKS.md). Accelerators keep the training
-    layout and its memory.
+    A decode step is a few matrix-vector products per row, memory-bound streams of
+    weights, so on CPU the step reads weights in the layout that streams fastest,
+    at the cost of one extra copy of the parameters: each layer as its own buffer
+    (slicing a stacked layer copies it at every step) and the head as [D, V], which
+    XLA:CPU multiplies ~1.5x faster than the tied [V, D] table (BENCHMARKS.md).
+    Accelerators keep the training layout and its memory.
     """
     if jax.default_backend() != "cpu":
         return cfg, params
-    head_DxV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    head_VxD = params["embed"] if cfg.tie_embeddings else params["lm_head"].T
-    blocks = [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(cfg.n_layer)]
-    params = {**params, "blocks": blocks, "lm_head": head_DxV, "lm_head_VxD": head_VxD}
-    return dataclasses.replace(cfg, tie_embeddings=False), params
+    params = {**params, "blocks": [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(cfg.n_layer)]}
+    if cfg.tie_embeddings:
+        cfg, params = dataclasses.replace(cfg, tie_embeddings=False), {**params, "lm_head": params["embed"].T}
+    return cfg, params
 
 
 @functools.cache
@@ -249,11 +216,11 @@ def _jitted_steps(cfg: ModelConfig) -> tuple[Callable, dict[bool, Callable]]:
     Built once per config and process, so engines made afresh (the training loop
     makes one per sample) reuse the compilations instead of compiling again.
     """
-    prefill = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5), static_argnames=("top_k", "vocab_major"))
+    prefill = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5), static_argnames="top_k")
     decode = functools.partial(_decode, cfg)
     on_cpu = jax.default_backend() == "cpu"
     return prefill, {
-        batched: jax.jit(decode, donate_argnums=(1, 2), static_argnames=("top_k", "vocab_major"),
+        batched: jax.jit(decode, donate_argnums=(1, 2), static_argnames="top_k",
                          compiler_options=_BATCHED_CPU_OPTIONS if batched and on_cpu else None)
         for batched in (False, True)
     }
@@ -325,13 +292,12 @@ class Engine:
             repetition_penalty=jnp.float32(sampling.repetition_penalty),
         )
         key = jax.random.key(sampling.seed)
-        vocab_major = B >= 8 and "lm_head_VxD" in self._step_params  # see _head
         # Which tokens each row has seen, for the repetition penalty; None (nothing to track) without one.
         seen_BxV = jnp.zeros((B, self.cfg.vocab_size), bool) if sampling.repetition_penalty != 1.0 else None
         positions_BxP = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
         next_B, logprob_B, cache, seen_BxV = self._prefill(
             self._step_params, model.init_cache(self.cfg, B, S, per_layer=self._per_layer), tokens_BxP, positions_BxP, last_B, seen_BxV, key,
-            np.int32(0), controls, top_k=sampling.top_k, vocab_major=vocab_major,
+            np.int32(0), controls, top_k=sampling.top_k,
         )
         inputs = (next_B, jnp.asarray(last_B + 1), jnp.int32(1))
         no_overrides = jnp.asarray(np.full((B, 2), -1, np.int32))
@@ -357,7 +323,7 @@ class Engine:
                 forced_B = overrides_Bx2[:, 1] >= 0
                 next_B, logprob_B, cache, seen_BxV, inputs = self._decode[B >= 8](
                     self._step_params, cache, seen_BxV, inputs, overrides_Bx2 if forced_B.any() else no_overrides, key, controls,
-                    top_k=sampling.top_k, vocab_major=vocab_major,
+                    top_k=sampling.top_k,
                 )
                 # Unforced rows feed the pending step's samples, one position on; known once that step is read.
                 fed = _Fed(np.where(forced_B, overrides_Bx2[:, 1], np.minimum(pending[2].position_B + 1, S - 1)),

@@ -263,12 +263,10 @@ def output_logits(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array) -> jax.A
     # Contract the tied table as stored: materialising embed.T would copy it at every call.
     head, spec = (params["embed"], "btd,vd->btv") if cfg.tie_embeddings else (params["lm_head"], "btd,dv->btv")
     logits_BxTxV = jnp.einsum(spec, x_BxTxD, head.astype(x_BxTxD.dtype), preferred_element_type=jnp.float32)
-    return soft_cap(cfg, constrain(logits_BxTxV, ("batch", "seq", "vocab")))
-
-
-def soft_cap(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
-    """cap * tanh(logits / cap) when the config soft-caps its logits (Gemma 2), else the logits."""
-    return cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap) if cfg.logit_softcap else logits
+    logits_BxTxV = constrain(logits_BxTxV, ("batch", "seq", "vocab"))
+    if cfg.logit_softcap:
+        logits_BxTxV = cfg.logit_softcap * jnp.tanh(logits_BxTxV / cfg.logit_softcap)
+    return logits_BxTxV
 
 
 _REMAT_POLICIES = {

@@ -65,8 +65,8 @@ def test_top_k_of_one_is_greedy():
 def test_top_k_by_blocks_is_exact(vocab):
     logits = jax.random.normal(jax.random.key(vocab), (8, vocab)) * 3
     coarse = jnp.round(logits)  # many ties, across blocks too
-    for x, vocab_major in [(logits, False), (coarse, False), (logits, True), (coarse, True)]:
-        values, ids = top_k_by_blocks(x.T if vocab_major else x, 50, vocab_major=vocab_major)
+    for x in (logits, coarse):
+        values, ids = top_k_by_blocks(x, 50)
         expected_values, expected_ids = jax.lax.top_k(x, 50)
         np.testing.assert_array_equal(values, expected_values)
         np.testing.assert_array_equal(jnp.take_along_axis(x, ids, axis=1), values)  # ids point at their values
@@ -74,19 +74,6 @@ def test_top_k_by_blocks_is_exact(vocab):
         values = np.asarray(values)  # untied values keep the same token as lax.top_k
         untied = (values != np.roll(values, 1, axis=1)) & (values != np.roll(values, -1, axis=1))
         np.testing.assert_array_equal(np.asarray(ids)[untied], np.asarray(expected_ids)[untied])
-
-
-@pytest.mark.parametrize("controls", [dict(top_k=50), dict(top_k=50, top_p=0.9), dict(top_p=0.9),
-                                      dict(top_k=50, repetition_penalty=1.3)])
-def test_vocab_major_logits_sample_the_same_tokens(controls):
-    """The CPU head's [V, B] logits (8+ rows) give the tokens the [B, V] layout gives, under every control."""
-    logits_BxV = jax.random.normal(jax.random.key(4), (8, 50_304)) * 3
-    seen_BxV = jax.random.bernoulli(jax.random.key(5), 0.01, logits_BxV.shape) if "repetition_penalty" in controls else None
-    for i in range(5):
-        key = jax.random.key(10 + i)
-        expected = sample_tokens(key, logits_BxV, temperature=0.8, seen_BxV=seen_BxV, **controls)
-        drawn = sample_tokens(key, logits_BxV.T, temperature=0.8, seen_BxV=seen_BxV, vocab_major=True, **controls)
-        np.testing.assert_array_equal(drawn, expected)
 
 
 def test_top_p_keeps_exactly_the_smallest_set_reaching_p():
