@@ -87,11 +87,11 @@ def _candidates(
     if seen_BxV is not None:
         penalised = jnp.where(x_BxV > 0, x_BxV / repetition_penalty, x_BxV * repetition_penalty)
         x_BxV = jnp.where(seen_BxV, penalised, x_BxV)
-    temperature = jnp.where(temperature > 0, temperature, 1.0)
+    divisor = jnp.where(temperature > 0, temperature, 1.0)  # greedy (0) keeps the logits
     if top_k:
         # Dividing by a positive temperature keeps the order, so it is applied to the K picked, not to all V.
         x_BxK, ids_BxK = top_k_by_blocks(x_BxV, min(top_k, x_BxV.shape[-1]))
-        x_BxK = x_BxK / temperature
+        x_BxK = x_BxK / divisor
     else:  # every token is a candidate; sort them only if top-p needs the order
 
         def by_probability(x):
@@ -101,7 +101,7 @@ def _candidates(
         def as_is(x):
             return x, jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
 
-        x_BxK, ids_BxK = jax.lax.cond(top_p < 1.0, by_probability, as_is, x_BxV / temperature)
+        x_BxK, ids_BxK = jax.lax.cond(top_p < 1.0, by_probability, as_is, x_BxV / divisor)
     probs_BxK = jax.nn.softmax(x_BxK, axis=-1)
     mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
     n_keep_B = jnp.maximum(jnp.sum(mass_before_BxK < top_p, axis=-1), 1)
