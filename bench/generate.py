@@ -25,7 +25,6 @@ from llm.config import ModelConfig
 from llm.generate import Engine, SamplingParams
 
 
-
 def ours(cfg: ModelConfig, params, prompts: np.ndarray) -> Callable[[int], None]:
     """Generates n tokens per row with our engine (returns when the tokens are on the host)."""
     engine = Engine(cfg, params)
