@@ -5,15 +5,16 @@
 
 One step function serves prefill (all prompt tokens at once) and decode (one
 token per row): run the model over the new tokens with the cache, then sample the
-next token of every row on device. Decode steps feed themselves (each row's sample
-and next position stay on device), so the host queues step k+1 before it reads
-step k's tokens to apply stop conditions and tool calls; a tool's output is
-forced in by overriding that row's input. Shapes are bucketed (batch to a power
+next token of every row on device. A prompt is prefilled once however many
+samples it has; they start from copies of its cache rows. Decode steps feed
+themselves (each row's sample and next position stay on device), so the host
+queues step k+1 before it reads step k's tokens to apply stop conditions and tool
+calls; a tool's output is forced in by overriding that row's input. Shapes are bucketed (batch to a power
 of two, lengths to powers of two), so a step compiles once per bucket; the
 sampling knobs are traced values, so changing them never recompiles, except
 top-k, whose k is a compile-time constant.
 
-Shape legend: B batch rows (prompts x samples), T new tokens, S cache length, V vocabulary.
+Shape legend: U prompt rows, B batch rows (prompts x samples), T new tokens, S cache length, V vocabulary.
 """
 
 from __future__ import annotations
@@ -152,23 +153,44 @@ def sample_tokens(key: jax.Array, logits_BxV: jax.Array, temperature: jax.Array 
 # ----------------------------------------------------------------------------- the jitted step
 
 
-def _step(cfg: ModelConfig, params, cache, tokens_BxT, positions_BxT, last_B, seen_BxV, key, step, controls, top_k):
+def _step(cfg: ModelConfig, params, cache, tokens_UxT, positions_UxT, last_U, seen_UxV, key, step, controls, top_k,
+          rows_B=None):
     """Runs the new tokens through the model and samples each row's next token.
 
-    `last_B` indexes each row's last real token within T (prefill rows are right-padded).
-    Returns (next token, its log-probability, cache, seen-token mask or None).
+    `last_U` indexes each row's last real token within T (prefill rows are right-padded).
+    `rows_B`, at prefill, says which of the U prompt rows each of the B sampled rows
+    continues: the n samples of a prompt share its one prefill, then get copies of
+    its cache rows. Without it the rows are sampled as they are (B = U).
+    Returns (next token, its log-probability, cache, seen-token mask or None) for B rows.
     """
-    x_BxTxD, cache = model.hidden_states(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
-    B, T = tokens_BxT.shape
-    # Only each row's last position is sampled from: the output head runs on B rows, not B*T.
-    logits_BxV = model.output_logits(cfg, params, x_BxTxD[jnp.arange(B), last_B][:, None])[:, 0]
-    if seen_BxV is not None:  # tracked only under a repetition penalty
-        real_BxT = jnp.arange(T)[None, :] <= last_B[:, None]
-        seen_BxV = seen_BxV.at[jnp.arange(B)[:, None], tokens_BxT].max(real_BxT)
+    x_UxTxD, cache = model.hidden_states(cfg, params, tokens_UxT, positions_BxT=positions_UxT, cache=cache)
+    U, T = tokens_UxT.shape
+    x_UxD = x_UxTxD[jnp.arange(U), last_U]  # only each row's last position is sampled from
+    if seen_UxV is not None:  # tracked only under a repetition penalty
+        real_UxT = jnp.arange(T)[None, :] <= last_U[:, None]
+        seen_UxV = seen_UxV.at[jnp.arange(U)[:, None], tokens_UxT].max(real_UxT)
+    if rows_B is None:
+        x_BxD, seen_BxV = x_UxD, seen_UxV
+    else:
+        x_BxD, cache, seen_BxV = jax.tree.map(lambda a: a[rows_B], (x_UxD, cache, seen_UxV))
+    logits_BxV = model.output_logits(cfg, params, x_BxD[:, None])[:, 0]
     next_B = sample_tokens(jax.random.fold_in(key, step), logits_BxV, seen_BxV=seen_BxV, top_k=top_k, **controls)
     # log p(next) = logit - logsumexp: two reductions, no [B, V] log-softmax written out.
     logprob_B = jnp.take_along_axis(logits_BxV, next_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_BxV, axis=-1)
     return next_B, logprob_B, cache, seen_BxV
+
+
+def _prefill(cfg: ModelConfig, params, tokens_UxP, positions_UxP, last_U, key, controls, top_k, cache_len, track_seen,
+             rows_B):
+    """The first step: an empty cache of `cache_len` slots per prompt row, the prompts run through it, first samples.
+
+    The cache (and, under a repetition penalty, the seen-token mask) is made inside
+    the compiled step, so nothing is copied in or donated, whatever the batch becomes.
+    """
+    U = tokens_UxP.shape[0]
+    cache = model.init_cache(cfg, U, cache_len, per_layer=isinstance(params["blocks"], list))
+    seen_UxV = jnp.zeros((U, cfg.vocab_size), bool) if track_seen else None
+    return _step(cfg, params, cache, tokens_UxP, positions_UxP, last_U, seen_UxV, key, 0, controls, top_k, rows_B)
 
 
 def _decode(cfg: ModelConfig, params, cache, seen_BxV, inputs, overrides_Bx2, key, controls, top_k):
@@ -217,7 +239,7 @@ def _jitted_steps(cfg: ModelConfig) -> tuple[Callable, dict[bool, Callable]]:
     Built once per config and process, so engines made afresh (the training loop
     makes one per sample) reuse the compilations instead of compiling again.
     """
-    prefill = jax.jit(functools.partial(_step, cfg), donate_argnums=(1, 5), static_argnames="top_k")
+    prefill = jax.jit(functools.partial(_prefill, cfg), static_argnames=("top_k", "cache_len", "track_seen"))
     decode = functools.partial(_decode, cfg)
     on_cpu = jax.default_backend() == "cpu"
     return prefill, {
@@ -254,7 +276,6 @@ class Engine:
             call_start, call_end, out_start, out_end = (tokenizer.token_id(t) for t in tool_tokens(name))
             self._tool_ids[call_start] = (name, call_end, out_start, out_end)
         self._step_cfg, self._step_params = _sampling_layout(cfg, params)
-        self._per_layer = isinstance(self._step_params["blocks"], list)
         self._prefill, self._decode = _jitted_steps(self._step_cfg)
 
     def generate(
@@ -278,27 +299,31 @@ class Engine:
                     f"no room to generate; shorten the prompt to at most {context - 1} tokens"
                 )
         rows = [_Row(i, j, list(prompts[i])) for i in range(len(prompts)) for j in range(sampling.n)]
-        B = _bucket(len(rows))
-        longest = max(len(r.prompt) for r in rows)
+        # The prompts are prefilled once each (U rows); their n samples (B rows) continue copies of those rows.
+        U, B = _bucket(len(prompts)), _bucket(len(rows))
+        longest = max(len(p) for p in prompts)
         S = _bucket(longest + sampling.max_new_tokens, cap=context, minimum=16)
         P = _bucket(longest, cap=S, minimum=16)
 
-        tokens_BxP = np.zeros((B, P), np.int32)
-        last_B = np.zeros(B, np.int32)
-        for b, row in enumerate(rows):
-            tokens_BxP[b, : len(row.prompt)] = row.prompt
-            last_B[b] = len(row.prompt) - 1
+        tokens_UxP = np.zeros((U, P), np.int32)
+        last_U = np.zeros(U, np.int32)
+        for i, prompt in enumerate(prompts):
+            tokens_UxP[i, : len(prompt)] = prompt
+            last_U[i] = len(prompt) - 1
+        rows_B = np.arange(B, dtype=np.int32) % U  # padding rows copy any prompt row; they are never read
+        rows_B[: len(rows)] = [row.prompt_index for row in rows]
+        last_B = last_U[rows_B]
         controls = dict(
             temperature=jnp.float32(sampling.temperature), top_p=jnp.float32(sampling.top_p),
             repetition_penalty=jnp.float32(sampling.repetition_penalty),
         )
         key = jax.random.key(sampling.seed)
-        # Which tokens each row has seen, for the repetition penalty; None (nothing to track) without one.
-        seen_BxV = jnp.zeros((B, self.cfg.vocab_size), bool) if sampling.repetition_penalty != 1.0 else None
-        positions_BxP = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
         next_B, logprob_B, cache, seen_BxV = self._prefill(
-            self._step_params, model.init_cache(self.cfg, B, S, per_layer=self._per_layer), tokens_BxP, positions_BxP, last_B, seen_BxV, key,
-            np.int32(0), controls, top_k=sampling.top_k,
+            self._step_params, tokens_UxP, np.broadcast_to(np.arange(P, dtype=np.int32), (U, P)), last_U, key, controls,
+            top_k=sampling.top_k, cache_len=S,
+            # Which tokens each row has seen, for the repetition penalty; nothing to track without one.
+            track_seen=sampling.repetition_penalty != 1.0,
+            rows_B=rows_B if B > U else None,  # with one sample per prompt the rows stay as they are
         )
         inputs = (next_B, jnp.asarray(last_B + 1), jnp.int32(1))
         no_overrides = jnp.asarray(np.full((B, 2), -1, np.int32))

@@ -28,17 +28,49 @@ def test_greedy_with_cache_equals_argmax_of_full_recomputation(n_prompts):
     lengths = np.random.RandomState(n_prompts).randint(1, 12, n_prompts)
     prompts = [np.random.RandomState(i).randint(0, SMALL.vocab_size, n).tolist() for i, n in enumerate(lengths)]
     samples = Engine(SMALL, params).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
-    forward = jax.jit(functools.partial(model.forward, SMALL))
     for prompt, [sample] in zip(prompts, samples):
-        sequence = list(prompt)
-        for token, logprob in zip(sample.tokens, sample.logprobs):
-            # Right-padded to one shape (one compile); causal attention ignores the padding.
-            logits, _ = forward(params, jnp.array([sequence + [0] * (32 - len(sequence))]))
-            last = logits[0, len(sequence) - 1]
+        for token, last in zip(sample.tokens, _recomputed_logits(params, prompt, sample)):
             assert token == int(jnp.argmax(last))
-            np.testing.assert_allclose(logprob, jax.nn.log_softmax(last)[token], atol=1e-4)
-            sequence.append(token)
         assert sample.finish_reason == "length" and len(sample.tokens) == 12
+
+
+def test_samples_of_a_prompt_share_its_prefill_and_each_stays_exact():
+    params = model.init_params(SMALL, jax.random.key(0))
+    prompts = [[5, 17, 3], [9, 1, 44, 60, 2, 71, 8]]  # two lengths, so a sample continuing the wrong prompt shows
+    samples = Engine(SMALL, params).generate(prompts, SamplingParams(max_new_tokens=10, n=3, seed=3))
+    for prompt, group in zip(prompts, samples):
+        assert len(group) == 3 and len({tuple(s.tokens) for s in group}) > 1  # independent draws
+        for sample in group:
+            _recomputed_logits(params, prompt, sample)  # checks every log-probability
+
+
+def test_a_prompts_seen_tokens_penalise_only_its_own_samples():
+    """Both prompts' model says `seen[0]` next; only the prompt containing it penalises it away, in all its samples."""
+    seen, unseen = TOKENIZER.encode(" one two three"), TOKENIZER.encode(" red green blue")
+    assert len(seen) == len(unseen) and seen[0] not in unseen
+    cfg, params = scripted_gpt2(script(seen, [seen[0]]))
+    greedy = SamplingParams(temperature=0, repetition_penalty=1e4, max_new_tokens=1, n=2)
+    first_tokens = [[s.tokens[0] for s in group] for group in Engine(cfg, params).generate([seen, unseen], greedy)]
+    assert seen[0] not in first_tokens[0] and first_tokens[1] == [seen[0], seen[0]]
+
+
+def _recomputed_logits(params, prompt, sample, length=32):
+    """Each sampled token's logits from a full forward pass over the sequence so far, its log-probability checked."""
+    forward = _jitted_forward(SMALL)
+    sequence, all_logits = list(prompt), []
+    for token, logprob in zip(sample.tokens, sample.logprobs):
+        # Right-padded to one shape (one compile); causal attention ignores the padding.
+        logits, _ = forward(params, jnp.array([sequence + [0] * (length - len(sequence))]))
+        last = logits[0, len(sequence) - 1]
+        np.testing.assert_allclose(logprob, jax.nn.log_softmax(last)[token], atol=1e-4)
+        all_logits.append(last)
+        sequence.append(token)
+    return all_logits
+
+
+@functools.cache
+def _jitted_forward(cfg):
+    return jax.jit(functools.partial(model.forward, cfg))
 
 
 @pytest.mark.parametrize("make", [gpt2, functools.partial(llama, tie=False, rope_scaling=True)],
