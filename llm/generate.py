@@ -172,7 +172,8 @@ def _step(cfg: ModelConfig, params, cache, tokens_UxT, positions_UxT, last_U, se
     if rows_B is None:
         x_BxD, seen_BxV = x_UxD, seen_UxV
     else:
-        x_BxD, cache, seen_BxV = jax.tree.map(lambda a: a[rows_B], (x_UxD, cache, seen_UxV))
+        x_BxD, seen_BxV = jax.tree.map(lambda a: a[rows_B], (x_UxD, seen_UxV))
+        cache = model.cache_rows(cache, rows_B)
     logits_BxV = model.output_logits(cfg, params, x_BxD[:, None])[:, 0]
     next_B = sample_tokens(jax.random.fold_in(key, step), logits_BxV, seen_BxV=seen_BxV, top_k=top_k, **controls)
     # log p(next) = logit - logsumexp: two reductions, no [B, V] log-softmax written out.

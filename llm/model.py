@@ -174,6 +174,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, pe
     return {name: jnp.zeros((cfg.n_layer, *shape), dtype) for name, shape in shapes.items()}
 
 
+def cache_rows(cache: Cache, rows_B: jax.Array) -> Cache:
+    """A cache whose row b is row `rows_B[b]` of `cache` (rows may repeat: n samples continuing one prompt)."""
+    if isinstance(cache["k"], list):
+        return jax.tree.map(lambda layer: layer[rows_B], cache)
+    return jax.tree.map(lambda stacked: stacked[:, rows_B], cache)
+
+
 def cache_length(cache: Cache) -> int:
     """S, the positions a cache holds per row."""
     return jax.tree.leaves(cache["k"])[0].shape[-2]

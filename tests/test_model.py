@@ -74,6 +74,10 @@ def test_kv_cache_decode_matches_full_forward_at_every_position(family, per_laye
     for b in range(B):
         np.testing.assert_allclose(logits[b, : prompt_lens[b]], full_logits[b, : prompt_lens[b]], atol=1e-4)
 
+    # Copies of rows (n samples of a prompt) decode on from their prompt's cache.
+    rows = np.array([1, 0, 1])
+    cache = model.cache_rows(cache, rows)
+    B, tokens, full_logits, prompt_lens = len(rows), tokens[rows], full_logits[rows], prompt_lens[rows]
     for offset in range(T - prompt_lens.max()):
         pos = prompt_lens + offset
         next_tokens = np.asarray(tokens)[np.arange(B), pos][:, None]
