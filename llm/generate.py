@@ -9,10 +9,10 @@ next token of every row on device. A prompt is prefilled once however many
 samples it has; they start from copies of its cache rows. Decode steps feed
 themselves (each row's sample and next position stay on device), so the host
 queues step k+1 before it reads step k's tokens to apply stop conditions and tool
-calls; a tool's output is forced in by overriding that row's input. Shapes are bucketed (batch to a power
-of two, lengths to powers of two), so a step compiles once per bucket; the
-sampling knobs are traced values, so changing them never recompiles, except
-top-k, whose k is a compile-time constant.
+calls; a tool's output is forced in by overriding that row's input. Shapes are
+bucketed (batch to a power of two, lengths to powers of two), so a step compiles
+once per bucket; the sampling knobs are traced values, so changing them never
+recompiles, except top-k, whose k is a compile-time constant.
 
 Shape legend: U prompt rows, B batch rows (prompts x samples), T new tokens, S cache length, V vocabulary.
 """
