@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt (each batch a multiple of it)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per side; each time is the best")
     args = parser.parse_args()
-    if any(batch % args.samples for batch in args.batches):
+    if args.samples < 1 or any(batch % args.samples for batch in args.batches):
         parser.error(f"every batch must be a multiple of --samples {args.samples}, got {args.batches}")
     cfg = ModelConfig(family="gpt2", vocab_size=args.vocab, n_layer=args.layers, n_embd=args.d_model,
                       n_head=args.heads, n_kv_head=args.heads, mlp_dim=4 * args.d_model, max_seq_len=1024,

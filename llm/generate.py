@@ -159,8 +159,9 @@ def _step(cfg: ModelConfig, params, cache, tokens_UxT, positions_UxT, last_U, se
 
     `last_U` indexes each row's last real token within T (prefill rows are right-padded).
     `rows_B`, at prefill, says which of the U prompt rows each of the B sampled rows
-    continues: the n samples of a prompt share its one prefill, then get copies of
-    its cache rows. Without it the rows are sampled as they are (B = U).
+    continues: the n samples of a prompt share its one prefill and output head, then
+    get copies of its logits and cache rows. Without it the rows are sampled as they
+    are (B = U, as at every decode step).
     Returns (next token, its log-probability, cache, seen-token mask or None) for B rows.
     """
     x_UxTxD, cache = model.hidden_states(cfg, params, tokens_UxT, positions_BxT=positions_UxT, cache=cache)
@@ -169,12 +170,12 @@ def _step(cfg: ModelConfig, params, cache, tokens_UxT, positions_UxT, last_U, se
     if seen_UxV is not None:  # tracked only under a repetition penalty
         real_UxT = jnp.arange(T)[None, :] <= last_U[:, None]
         seen_UxV = seen_UxV.at[jnp.arange(U)[:, None], tokens_UxT].max(real_UxT)
+    logits_UxV = model.output_logits(cfg, params, x_UxD[:, None])[:, 0]
     if rows_B is None:
-        x_BxD, seen_BxV = x_UxD, seen_UxV
+        logits_BxV, seen_BxV = logits_UxV, seen_UxV
     else:
-        x_BxD, seen_BxV = jax.tree.map(lambda a: a[rows_B], (x_UxD, seen_UxV))
+        logits_BxV, seen_BxV = jax.tree.map(lambda a: a[rows_B], (logits_UxV, seen_UxV))
         cache = model.cache_rows(cache, rows_B)
-    logits_BxV = model.output_logits(cfg, params, x_BxD[:, None])[:, 0]
     next_B = sample_tokens(jax.random.fold_in(key, step), logits_BxV, seen_BxV=seen_BxV, top_k=top_k, **controls)
     # log p(next) = logit - logsumexp: two reductions, no [B, V] log-softmax written out.
     logprob_B = jnp.take_along_axis(logits_BxV, next_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_BxV, axis=-1)
