@@ -58,7 +58,7 @@ def test_a_prompts_seen_tokens_penalise_only_its_own_samples():
 
 
 def _recomputed_logits(params, prompt, sample, length=32):
-    """Each sampled token's logits from a full SMALL forward pass over its sequence so far; checks its log-probability."""
+    """Each sampled token's logits from a full SMALL forward pass over its sequence so far; checks its logprob."""
     forward = _jitted_forward(SMALL)
     sequence, all_logits = list(prompt), []
     for token, logprob in zip(sample.tokens, sample.logprobs):
