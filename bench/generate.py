@@ -65,7 +65,8 @@ def theirs(cfg: ModelConfig, params, prompts: np.ndarray, samples: int) -> Calla
 
 def measure(runs: dict[str, Callable[[int], None]], new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
     """Best (prefill s, total s) of `repeats` rounds per side, the sides taking turns within each round."""
-    for run in runs.values():  # compile / warm up
+    for run in runs.values():  # compile / warm up both lengths (they may fall in different cache buckets)
+        run(1)
         run(new_tokens)
     best = {name: (float("inf"), float("inf")) for name in runs}
     for _ in range(repeats):

@@ -44,10 +44,12 @@ def main(argv=None) -> None:
         if len(prompt) >= cfg.max_seq_len:
             sys.exit(f"the conversation has reached the model's context of {cfg.max_seq_len} tokens")
         print("assistant> ", end="", flush=True)
-        [[sample]] = engine.generate([prompt], sampling, on_token=sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids))
-        history = prompt + sample.tokens
-        if not sample.tokens or sample.tokens[-1] != im_end:  # close a turn cut short, so the next one is well formed
-            history.append(im_end)
+        stream = sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids, stop_strings=sampling.stop_strings)
+        [[sample]] = engine.generate([prompt], sampling, on_token=stream)
+        stream.finish(sample.text)
+        # The turn ends with one <|im_end|> however it stopped, so the next turn is well formed.
+        reply = sample.tokens[:-1] if sample.tokens[-1:] == [tokenizer.eot] else sample.tokens
+        history = prompt + reply + ([] if reply[-1:] == [im_end] else [im_end])
         print()
 
 

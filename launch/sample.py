@@ -22,12 +22,15 @@ def main(argv=None) -> None:
     engine = Engine(cfg, params, tokenizer)
     prompt = [tokenizer.eot, *tokenizer.encode(args.prompt)]
     sampling = sampling_flags.sampling_params(args, stop_token_ids=(tokenizer.eot,), n=args.n)
-    stream = sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids) if args.n == 1 else None
-    if stream:
+    stream = None
+    if args.n == 1:
+        stream = sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids, stop_strings=sampling.stop_strings)
         print(args.prompt, end="", flush=True)
     [samples] = engine.generate([prompt], sampling, on_token=stream)
     for i, sample in enumerate(samples):
-        if not stream:
+        if stream:
+            stream.finish(sample.text)
+        else:
             print(f"--- sample {i + 1}/{len(samples)}\n{args.prompt}{sample.text}")
         print(f"\n[{sample.finish_reason}, {len(sample.tokens)} tokens]")
 

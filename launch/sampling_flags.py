@@ -35,17 +35,32 @@ def sampling_params(args: argparse.Namespace, stop_token_ids: tuple[int, ...], n
 
 
 class Printer:
-    """Streams one sample's text to the terminal as its tokens arrive (whole characters, no stop tokens)."""
+    """Streams one sample's text to the terminal as its tokens arrive; `finish` writes what it held back.
 
-    def __init__(self, tokenizer, hide: tuple[int, ...] = ()):
-        self.tokenizer, self.hide, self.tokens, self.shown = tokenizer, set(hide), [], ""
+    Shows whole characters only, no stop tokens, and nothing from a stop string on:
+    text that may be the start of a stop string waits until the sample goes on or ends.
+    """
+
+    def __init__(self, tokenizer, hide: tuple[int, ...] = (), stop_strings: tuple[str, ...] = ()):
+        self.tokenizer, self.hide, self.stop_strings = tokenizer, set(hide), stop_strings
+        self.hold = max(map(len, stop_strings), default=1) - 1  # characters that may begin a stop string
+        self.tokens, self.shown = [], ""
 
     def __call__(self, prompt_index: int, sample_index: int, token: int) -> None:
         if token in self.hide:
             return
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(self.shown):])
-            sys.stdout.flush()
-            self.shown = text
+        cuts = [text.find(stop) for stop in self.stop_strings if stop in text]
+        text = text[: min(cuts)] if cuts else text[: len(text) - self.hold]
+        if len(text) > len(self.shown) and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self._write(text)
+
+    def finish(self, text: str) -> None:
+        """Writes the rest of the sample's final text (`Sample.text`, which the shown text begins)."""
+        self._write(text)
+
+    def _write(self, text: str) -> None:
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text

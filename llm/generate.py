@@ -41,9 +41,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1 keeps every token
     repetition_penalty: float = 1.0  # 1 is off; CTRL's rule, as in transformers
     stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
+    stop_strings: tuple[str, ...] = ()  # matched in the text the model wrote (not in tool outputs)
     n: int = 1  # samples per prompt
-    seed: int = 0
+    seed: int = 0  # one key per call: the same prompt and seed sample differently in another batch or with another n
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.n < 1:
@@ -58,7 +58,7 @@ class Sample:
     logprobs: list[float]  # the model's log-probability (temperature 1, unfiltered) of each token; 0 where forced
     forced: list[bool]  # True for tokens the engine wrote (tool outputs), False for sampled ones
     finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens), "context" (model context full)
-    text: str = ""  # the decoded sample, cut before a stop string; empty without a tokenizer
+    text: str = ""  # the decoded sample, cut before its stop token or string; empty without a tokenizer
 
 
 # ----------------------------------------------------------------------------- sampling math
@@ -275,7 +275,11 @@ class Engine:
             raise ValueError("tool calls need a tokenizer (to read calls and write outputs)")
         self._tool_ids = {}  # call-start id -> (tool name, call-end id, output-start id, output-end id)
         for name in self.tools:
-            call_start, call_end, out_start, out_end = (tokenizer.token_id(t) for t in tool_tokens(name))
+            ids = tuple(tokenizer.token_id(t) for t in tool_tokens(name))
+            if max(ids) >= cfg.vocab_size:
+                raise ValueError(f"tool {name!r} needs token ids {ids} but the model has {cfg.vocab_size} logits: "
+                                 f"its control tokens are outside the model's vocabulary")
+            call_start, call_end, out_start, out_end = ids
             self._tool_ids[call_start] = (name, call_end, out_start, out_end)
         self._step_cfg, self._step_params = _sampling_layout(cfg, params)
         self._prefill, self._decode = _jitted_steps(self._step_cfg)
@@ -312,6 +316,14 @@ class Engine:
         for i, prompt in enumerate(prompts):
             tokens_UxP[i, : len(prompt)] = prompt
             last_U[i] = len(prompt) - 1
+        outside_U = ((tokens_UxP < 0) | (tokens_UxP >= self.cfg.vocab_size)).any(axis=1)
+        if outside_U.any():  # an embedding lookup would silently clamp them
+            i = int(np.argmax(outside_U))
+            bad = next(t for t in prompts[i] if not 0 <= t < self.cfg.vocab_size)
+            raise ValueError(
+                f"prompt {i} has token id {bad}, outside the model's vocabulary of {self.cfg.vocab_size} ids: "
+                f"was it encoded with another tokenizer, or with control tokens the model was not trained with?"
+            )
         rows_B = np.arange(B, dtype=np.int32) % U  # padding rows copy any prompt row; they are never read
         rows_B[: len(rows)] = [row.prompt_index for row in rows]
         last_B = last_U[rows_B]
@@ -335,18 +347,17 @@ class Engine:
         # is used only if that step fed the row's last token at its position; the one
         # time it did not is right after a tool call closes, when the host overrides
         # the row's input with the forced output tokens, one per step.
-        limit = min(context, S)
         pending = (next_B, logprob_B, _Fed(last_B.copy(), np.array([r.last_token for r in rows] + [0] * (B - len(rows)))))
         # Each step appends a token to every live row, except right after a forced token.
         for _ in range(2 * sampling.max_new_tokens + 2):
             if pending is None:
                 break
             queued = None
-            if any(row.may_continue(sampling.max_new_tokens, limit) for row in rows):
+            if any(row.may_continue(sampling.max_new_tokens, context) for row in rows):
                 overrides_Bx2 = np.full((B, 2), -1, np.int32)
                 for b, row in enumerate(rows):
                     if row.finish_reason is None and row.forced_queue:
-                        token = self._append(row, row.forced_queue.pop(0), 0.0, True, sampling, S, on_token)
+                        token = self._append(row, row.forced_queue.pop(0), 0.0, True, sampling, on_token)
                         overrides_Bx2[b] = (token, row.position)
                 forced_B = overrides_Bx2[:, 1] >= 0
                 next_B, logprob_B, cache, seen_BxV, inputs = self._decode[B >= 8](
@@ -362,13 +373,13 @@ class Engine:
                 queued[2].token_B[:] = np.where(queued[2].token_B < 0, sampled_B, queued[2].token_B)
             for b, row in enumerate(rows):
                 if row.finish_reason is None and read.matches(b, row):
-                    self._append(row, int(sampled_B[b]), float(logprobs_B[b]), False, sampling, S, on_token)
+                    self._append(row, int(sampled_B[b]), float(logprobs_B[b]), False, sampling, on_token)
             pending = queued
         if any(row.finish_reason is None for row in rows):
             raise RuntimeError("sampling loop exceeded its step bound with unfinished rows (an engine bug)")
-        return [[self._finish(r, sampling) for r in rows if r.prompt_index == i] for i in range(len(prompts))]
+        return [[self._finish(r) for r in rows if r.prompt_index == i] for i in range(len(prompts))]
 
-    def _append(self, row: _Row, token: int, logprob: float, forced: bool, sampling: SamplingParams, S: int,
+    def _append(self, row: _Row, token: int, logprob: float, forced: bool, sampling: SamplingParams,
                 on_token: Callable[[int, int, int], None] | None) -> int:
         """Appends a token to the row (sampled, or forced tool output); sets finish_reason; returns the token."""
         row.tokens.append(token)
@@ -376,25 +387,27 @@ class Engine:
         row.forced.append(forced)
         if on_token is not None:
             on_token(row.prompt_index, row.sample_index, token)
+        before = len(row.text_bytes)
         if self.tokenizer is not None:
             row.text_bytes += self.tokenizer.decode_bytes([token])
-        if not forced:
-            if token in sampling.stop_token_ids:
-                row.finish_reason = "stop"
-            elif row.tool_call is not None:
-                self._collect_tool_call(row, token)
-            elif token in self._tool_ids:
-                row.tool_call = (self._tool_ids[token], [])
-        if row.finish_reason is None and sampling.stop_strings:
-            text = row.text_bytes.decode("utf-8", errors="replace")
-            if any(stop in text for stop in sampling.stop_strings):
-                row.finish_reason = "stop"
-        context = self.cfg.max_seq_len
-        total = len(row.prompt) + len(row.tokens)
+        if forced:
+            row.stop_scan_from = len(row.text_bytes)  # a tool's output is not the model's text: no stop string in it
+        elif token in sampling.stop_token_ids:
+            row.finish_reason, row.text_end = "stop", before
+        elif row.tool_call is not None:
+            self._collect_tool_call(row, token)
+        elif token in self._tool_ids:
+            row.tool_call = (self._tool_ids[token], [])
+        if row.finish_reason is None and sampling.stop_strings and not forced:
+            # Only a match that ends in this token's bytes is new: search from where it could start.
+            start = max(row.stop_scan_from, before - max(len(s.encode()) for s in sampling.stop_strings) + 1)
+            found = [i for i in (row.text_bytes.find(s.encode(), start) for s in sampling.stop_strings) if i >= 0]
+            if found:
+                row.finish_reason, row.text_end = "stop", min(found)
         if row.finish_reason is None and len(row.tokens) >= sampling.max_new_tokens:
             row.finish_reason = "length"
-        if row.finish_reason is None and total >= min(context, S):
-            row.finish_reason = "context" if total >= context else "length"
+        if row.finish_reason is None and len(row.prompt) + len(row.tokens) >= self.cfg.max_seq_len:
+            row.finish_reason = "context"
         return token
 
     def _collect_tool_call(self, row: _Row, token: int) -> None:
@@ -403,18 +416,16 @@ class Engine:
             call_tokens.append(token)
             return
         row.tool_call = None
-        result = self.tools[name](self.tokenizer.decode(call_tokens))
+        try:
+            result = self.tools[name](self.tokenizer.decode(call_tokens))
+        except Exception as error:  # tools should answer errors as text; one that raises must not end the batch
+            result = f"Error: {type(error).__name__}: {error}"
         # Output text is encoded as ordinary text: a tool cannot forge control tokens either.
         row.forced_queue = [out_start, *self.tokenizer.encode(result), out_end]
 
-    def _finish(self, row: _Row, sampling: SamplingParams) -> Sample:
-        text = ""
-        if self.tokenizer is not None:
-            ids = row.tokens[:-1] if row.tokens and row.tokens[-1] in sampling.stop_token_ids else row.tokens
-            text = self.tokenizer.decode(ids)
-            cuts = [text.find(s) for s in sampling.stop_strings if s in text]
-            text = text[: min(cuts)] if cuts else text
-        return Sample(row.tokens, row.logprobs, row.forced, row.finish_reason or "length", text)
+    def _finish(self, row: _Row) -> Sample:
+        text = row.text_bytes[: row.text_end].decode("utf-8", errors="replace")
+        return Sample(row.tokens, row.logprobs, row.forced, row.finish_reason, text)
 
 
 @dataclasses.dataclass
@@ -427,7 +438,9 @@ class _Row:
     forced: list[bool] = dataclasses.field(default_factory=list)
     forced_queue: list[int] = dataclasses.field(default_factory=list)
     tool_call: tuple | None = None  # ((name, call_end, out_start, out_end), tokens so far) while a call is open
-    text_bytes: bytes = b""
+    text_bytes: bytearray = dataclasses.field(default_factory=bytearray)  # the tokens' bytes (none without a tokenizer)
+    text_end: int | None = None  # where the sample's text ends in text_bytes: before a stop token or string
+    stop_scan_from: int = 0  # stop strings may start here or later: after the last forced tool output
     finish_reason: str | None = None
 
     @property
@@ -439,11 +452,11 @@ class _Row:
     def last_token(self) -> int:
         return self.tokens[-1] if self.tokens else self.prompt[-1]
 
-    def may_continue(self, max_new_tokens: int, limit: int) -> bool:
+    def may_continue(self, max_new_tokens: int, context: int) -> bool:
         """Whether the row may still need a step after the one pending (a forced token always does)."""
         if self.finish_reason is not None:
             return False
-        room = min(max_new_tokens - len(self.tokens), limit - len(self.prompt) - len(self.tokens))
+        room = min(max_new_tokens - len(self.tokens), context - len(self.prompt) - len(self.tokens))
         return bool(self.forced_queue) or room > 1
 
 

@@ -219,6 +219,8 @@ class Tokenizer:
             raise ValueError(
                 f"unknown encoding {str(spec)!r}: expected one of {sorted(NAMED_ENCODINGS)} or a path to a .tiktoken rank file"
             )
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer rank file {path} does not exist")
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
             meta = json.loads(sidecar.read_text())

@@ -3,7 +3,8 @@
 A tool is a function `str -> str`: it takes the text the model wrote between a
 tool's call tokens and returns the text forced back between its output tokens.
 Tools never raise: a refusal or failure comes back as `"Error: ..."` output, which
-the model sees (and can learn from) instead of the engine crashing.
+the model sees (and can learn from) instead of the engine crashing. (The engine
+also turns an exception from any registered tool into such output.)
 """
 
 from __future__ import annotations

@@ -96,6 +96,32 @@ def test_top_k_of_one_is_greedy():
     np.testing.assert_array_equal(drawn, jnp.argmax(logits, -1))
 
 
+def test_engine_top_k_of_one_and_a_tiny_top_p_sample_greedily_and_never_recompile():
+    params = jax.tree.map(lambda x: x * 4, model.init_params(SMALL, jax.random.key(0)))
+    engine = Engine(SMALL, params)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    greedy = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    compiled = [engine._prefill._cache_size(), engine._decode[False]._cache_size()]
+    for controls in [dict(top_k=1, temperature=1.5), dict(top_p=1e-6, temperature=0.7), dict(top_p=1e-6, seed=5)]:
+        sampled = engine.generate(prompts, SamplingParams(max_new_tokens=10, **controls))
+        assert [s.tokens for [s] in sampled] == [s.tokens for [s] in greedy], controls
+    # temperature, top-p and the seed are traced values: only top-k's k compiled anew (once per step function)
+    assert [engine._prefill._cache_size(), engine._decode[False]._cache_size()] == [c + 1 for c in compiled]
+
+
+def test_a_row_that_stops_early_leaves_the_others_exact():
+    params = jax.tree.map(lambda x: x * 4, model.init_params(SMALL, jax.random.key(0)))
+    engine = Engine(SMALL, params)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [7, 7]]
+    free = [s.tokens for [s] in engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))]
+    stop = next(t for t in free[0][1:] if t not in free[0][:1] and any(t not in row for row in free[1:]))
+    stopped = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop,)))
+    for row, [sample] in zip(free, stopped):
+        expected = row[: row.index(stop) + 1] if stop in row else row
+        assert sample.tokens == expected
+        assert sample.finish_reason == ("stop" if stop in row else "length")
+
+
 @pytest.mark.parametrize("vocab", [50_304, 50_000, 130])  # whole blocks, a padded last block, fewer blocks than k
 def test_top_k_by_blocks_is_exact(vocab):
     logits = jax.random.normal(jax.random.key(vocab), (8, vocab)) * 3
@@ -154,6 +180,14 @@ def test_prompt_longer_than_context_is_a_clear_error():
         Engine(SMALL, params).generate([[1, 2], [3] * 64], SamplingParams(max_new_tokens=4))
 
 
+def test_token_ids_outside_the_vocabulary_are_a_clear_error():
+    params = model.init_params(SMALL, jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt 1 has token id 96, outside the model's vocabulary of 96 ids"):
+        Engine(SMALL, params).generate([[1, 2], [3, 96]], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="tool 'python' needs token ids .* but the model has 96 logits"):
+        Engine(SMALL, params, TOKENIZER, tools={"python": Calculator()})
+
+
 def test_generation_stops_at_the_context_with_its_reason():
     params = model.init_params(SMALL, jax.random.key(0))
     [[sample]] = Engine(SMALL, params).generate([[1] * 60], SamplingParams(max_new_tokens=50))
@@ -176,31 +210,64 @@ def test_stop_string_split_across_tokens_stops_at_the_right_character():
     words = TOKENIZER.encode(" Hello world, again and again")
     assert TOKENIZER.decode(words[:2]) == " Hello world"  # "lo wo" spans the two tokens
     cfg, params = scripted_gpt2(script(prompt, words))
-    [[sample]] = Engine(cfg, params, TOKENIZER).generate(
-        [prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_strings=("lo wo",)))
-    assert sample.text == " Hel" and sample.finish_reason == "stop"
-    assert sample.tokens == words[:2]
+    [samples] = Engine(cfg, params, TOKENIZER).generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_strings=("again", "lo wo"), n=2))
+    for sample in samples:
+        assert sample.text == " Hel" and sample.finish_reason == "stop"
+        assert sample.tokens == words[:2]
 
 
 @pytest.mark.parametrize("expression, result", [("2+3*4", "14"), ("__import__('os')", None)])
 def test_scripted_tool_call_gets_the_result_injected(expression, result):
-    call_start, call_end, out_start, out_end = (TOKENIZER.token_id(t) for t in tool_tokens("python"))
     calculator = Calculator()
     output = calculator(expression)
     assert (output == result) if result else output.startswith("Error: Call is not allowed")
+    # The model emits the call, the engine writes the output (the model's own guesses there
+    # are ignored), then the model answers.
+    answer = [*TOKENIZER.encode(" Done."), TOKENIZER.eot]
+    cfg, params, prompt, call_and_output = _scripted_call(expression, output, answer)
+    streamed = []
+    [[sample]] = Engine(cfg, params, TOKENIZER, tools={"python": calculator}).generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=(TOKENIZER.eot,)),
+        on_token=lambda prompt_index, sample_index, token: streamed.append((prompt_index, sample_index, token)))
+    assert sample.tokens == call_and_output + answer
+    assert streamed == [(0, 0, token) for token in sample.tokens]  # in order, forced tokens included
+    call_length = len(TOKENIZER.encode(expression)) + 2
+    assert sample.forced == [False] * call_length + [True] * (len(call_and_output) - call_length) + [False] * len(answer)
+    assert sample.finish_reason == "stop"
+    assert sample.text == TOKENIZER.decode(call_and_output) + " Done."  # the stop token is not text
+
+
+def _scripted_call(expression: str, output: str, answer: list[int]):
+    """A scripted model that calls the python tool on `expression`, expects `output` back, then says `answer`.
+
+    Returns (cfg, params, prompt, the call and output tokens).
+    """
+    call_start, call_end, out_start, out_end = (TOKENIZER.token_id(t) for t in tool_tokens("python"))
     prompt = TOKENIZER.encode("Q: what is it? A:")
     call = [call_start, *TOKENIZER.encode(expression), call_end]
     forced = [out_start, *TOKENIZER.encode(output), out_end]
-    answer = [*TOKENIZER.encode(" Done."), TOKENIZER.eot]
-    # The model emits the call, the engine writes the output (the model's own guesses there
-    # are ignored), then the model answers.
     cfg, params = scripted_gpt2(script(prompt, call + [None] * len(forced) + answer))
-    [[sample]] = Engine(cfg, params, TOKENIZER, tools={"python": calculator}).generate(
-        [prompt], SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=(TOKENIZER.eot,)))
-    assert sample.tokens == call + forced + answer
-    assert sample.forced == [False] * len(call) + [True] * len(forced) + [False] * len(answer)
-    assert sample.finish_reason == "stop"
-    assert sample.text == TOKENIZER.decode(call + forced) + " Done."  # the stop token is not text
+    return cfg, params, prompt, call + forced
+
+
+def test_stop_strings_match_what_the_model_wrote_not_a_tools_output():
+    cfg, params, prompt, call_and_output = _scripted_call("6*7", "STOP here", TOKENIZER.encode(" fine. STOP now"))
+    engine = Engine(cfg, params, TOKENIZER, tools={"python": lambda expression: "STOP here"})
+    [[sample]] = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=40, stop_strings=("STOP",)))
+    assert sample.tokens[: len(call_and_output)] == call_and_output and sample.finish_reason == "stop"
+    assert sample.text == TOKENIZER.decode(call_and_output) + " fine. "
+
+
+def test_a_tool_that_raises_answers_with_its_error():
+    def broken(expression):
+        raise RuntimeError("index is down")
+
+    cfg, params, prompt, call_and_output = _scripted_call("6*7", "Error: RuntimeError: index is down", TOKENIZER.encode(" Sorry."))
+    [[sample]] = Engine(cfg, params, TOKENIZER, tools={"python": broken}).generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=len(call_and_output) + 2))
+    assert sample.tokens[: len(call_and_output)] == call_and_output
+    assert TOKENIZER.decode(sample.tokens).endswith("Error: RuntimeError: index is down<|python_output_end|> Sorry.")
 
 
 def test_tool_calls_in_a_batch_keep_every_row_exact():

@@ -30,6 +30,10 @@ def test_truncated_release_is_a_clear_error(tmp_path):
         load_release(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="neither a release"):
         load_release(str(tmp_path / "missing"))
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    (tmp_path / "tokenizer.tiktoken").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer rank file .*tokenizer.tiktoken does not exist"):
+        load_release(str(tmp_path))
 
 
 def test_sample_command_continues_the_prompt(tmp_path, capsys):
@@ -38,6 +42,15 @@ def test_sample_command_continues_the_prompt(tmp_path, capsys):
     save_release(str(tmp_path), cfg, params, TOKENIZER)
     sample.main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--temperature", "0"])
     assert capsys.readouterr().out == "Once upon a time, the end.\n[stop, 7 tokens]\n"
+
+
+def test_sample_command_streams_nothing_from_a_stop_string_on(tmp_path, capsys):
+    prompt = [TOKENIZER.eot, *TOKENIZER.encode("Once upon")]
+    cfg, params = scripted_gpt2(script(prompt, TOKENIZER.encode(" a time, the end, the moral.")))
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    sample.main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--temperature", "0", "--stop", " the"])
+    # " the" is streamed token by token (" a", " time", ",", " the"); it stops the sample at its start.
+    assert capsys.readouterr().out == "Once upon a time,\n[stop, 4 tokens]\n"
 
 
 def test_chat_command_answers_in_the_chat_format(tmp_path, capsys, monkeypatch):
@@ -49,3 +62,19 @@ def test_chat_command_answers_in_the_chat_format(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(builtins, "input", lambda _: next(typed))
     chat.main(["--checkpoint", str(tmp_path), "--system", "Be brief.", "--temperature", "0"])
     assert "assistant> Hello there!\n" in capsys.readouterr().out
+
+
+def test_chat_keeps_a_well_formed_history_across_turns(tmp_path, capsys, monkeypatch):
+    """The first reply ends at <|endoftext|>, not <|im_end|>; the second turn's prompt (where the
+    scripted model answers by position) must still be the history closed by exactly one <|im_end|>."""
+    im_end = TOKENIZER.token_id(IM_END)
+    first = TOKENIZER.render_for_completion([{"role": "user", "content": "hi"}])
+    reply = TOKENIZER.encode("Hello!")
+    second = first + reply + [im_end] + TOKENIZER.render_for_completion([{"role": "user", "content": "bye"}])
+    cfg, params = scripted_gpt2({**script(first, [*reply, TOKENIZER.eot]),
+                                 **script(second, [*TOKENIZER.encode("Goodbye."), im_end])}, max_seq_len=128)
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    typed = iter(["hi", "bye", ""])
+    monkeypatch.setattr(builtins, "input", lambda _: next(typed))
+    chat.main(["--checkpoint", str(tmp_path), "--temperature", "0"])
+    assert "assistant> Hello!\nassistant> Goodbye.\n" in capsys.readouterr().out
