@@ -220,7 +220,7 @@ class Tokenizer:
                 f"unknown encoding {str(spec)!r}: expected one of {sorted(NAMED_ENCODINGS)} or a path to a .tiktoken rank file"
             )
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer rank file {path} does not exist")
+            raise FileNotFoundError(f"no tiktoken rank file at {path}")
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
             meta = json.loads(sidecar.read_text())

@@ -1,6 +1,7 @@
 """Release directories and the `launch.sample` / `launch.chat` commands, run for real on a scripted model."""
 
 import builtins
+import json
 
 import jax
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 
 from launch import chat, sample
 from llm.release import load_release, save_release
-from llm.tokenizer import IM_END
+from llm.tokenizer import IM_END, tool_tokens
+from llm.tools import Search
 from scripted import TOKENIZER, script, scripted_gpt2
 
 
@@ -32,7 +34,7 @@ def test_truncated_release_is_a_clear_error(tmp_path):
         load_release(str(tmp_path / "missing"))
     save_release(str(tmp_path), cfg, params, TOKENIZER)
     (tmp_path / "tokenizer.tiktoken").unlink()
-    with pytest.raises(FileNotFoundError, match="tokenizer rank file .*tokenizer.tiktoken does not exist"):
+    with pytest.raises(FileNotFoundError, match="no tiktoken rank file at .*tokenizer.tiktoken"):
         load_release(str(tmp_path))
 
 
@@ -78,3 +80,21 @@ def test_chat_keeps_a_well_formed_history_across_turns(tmp_path, capsys, monkeyp
     monkeypatch.setattr(builtins, "input", lambda _: next(typed))
     chat.main(["--checkpoint", str(tmp_path), "--temperature", "0"])
     assert "assistant> Hello!\nassistant> Goodbye.\n" in capsys.readouterr().out
+
+
+def test_chat_searches_its_documents(tmp_path, capsys, monkeypatch):
+    documents = ["The Eiffel Tower is in Paris.", "Mount Fuji is the highest mountain in Japan.", "JAX is fast."]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    output = Search(documents)("highest mountain Japan")
+    assert output == documents[1]
+    call_start, call_end, out_start, out_end = (TOKENIZER.token_id(t) for t in tool_tokens("search"))
+    prompt = TOKENIZER.render_for_completion([{"role": "user", "content": "Which mountain?"}])
+    call = [call_start, *TOKENIZER.encode("highest mountain Japan"), call_end]
+    forced = [out_start, *TOKENIZER.encode(output), out_end]
+    answer = [*TOKENIZER.encode(" Fuji."), TOKENIZER.token_id(IM_END)]
+    cfg, params = scripted_gpt2(script(prompt, call + [None] * len(forced) + answer), max_seq_len=128)
+    save_release(str(tmp_path / "release"), cfg, params, TOKENIZER)
+    typed = iter(["Which mountain?", ""])
+    monkeypatch.setattr(builtins, "input", lambda _: next(typed))
+    chat.main(["--checkpoint", str(tmp_path / "release"), "--temperature", "0", "--search-docs", str(tmp_path / "docs.jsonl")])
+    assert f"<|search_output_start|>{output}<|search_output_end|> Fuji.\n" in capsys.readouterr().out
