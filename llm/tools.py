@@ -74,7 +74,8 @@ class Calculator:
             if isinstance(node.op, ast.Pow):
                 if abs(right) > self.max_exponent:
                     raise CalculatorError(f"exponent {right} is larger than {self.max_exponent}")
-                if abs(left) > 1 and abs(right) * math.log10(abs(left)) > math.log10(self.max_abs):
+                # |left ** right| = 10 ** (right * log10|left|): a big base or a tiny one under a negative exponent.
+                if left != 0 and right * math.log10(abs(left)) > math.log10(self.max_abs):
                     raise CalculatorError(f"result would exceed {self.max_abs:g}")
             return self._bounded(_BINARY[type(node.op)](left, right))
         raise CalculatorError(f"{type(node).__name__} is not allowed: only numbers and + - * / // % ** ( )")

@@ -310,6 +310,8 @@ def test_calculator_arithmetic():
     calc = Calculator()
     assert [calc(e) for e in ["1,234 + 6", "7 / 2", "2 ** 10", "-(3 - 5) * 4", "10 // 3", "10 % 4", "1/0"]] == [
         "1240", "3.5", "1024", "8", "3", "2", "Error: division by zero"]
+    # A tiny base under a negative exponent is as big as a huge one under a positive exponent.
+    assert [calc("0.5 ** -10"), calc("1e-99 ** -64")] == ["1024", "Error: result would exceed 1e+100"]
 
 
 def test_search_tool_finds_the_relevant_document():
