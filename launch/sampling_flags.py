@@ -39,6 +39,8 @@ class Printer:
 
     Shows whole characters only, no stop tokens, and nothing from a stop string on:
     text that may be the start of a stop string waits until the sample goes on or ends.
+    (A stop string inside a tool's output, which does not stop the engine, pauses the
+    stream until `finish`.)
     """
 
     def __init__(self, tokenizer, hide: tuple[int, ...] = (), stop_strings: tuple[str, ...] = ()):
@@ -51,9 +53,11 @@ class Printer:
             return
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character before judging stop strings
+            return
         cuts = [text.find(stop) for stop in self.stop_strings if stop in text]
         text = text[: min(cuts)] if cuts else text[: len(text) - self.hold]
-        if len(text) > len(self.shown) and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if len(text) > len(self.shown):
             self._write(text)
 
     def finish(self, text: str) -> None:

@@ -50,6 +50,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens and n must be >= 1, got {self.max_new_tokens} and {self.n}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"invalid sampling controls: {self}")
+        if "" in self.stop_strings:
+            raise ValueError("an empty stop string would stop every sample at once")
 
 
 @dataclasses.dataclass
@@ -304,6 +306,14 @@ class Engine:
                     f"prompt {i} has {len(prompt)} tokens but the model's context is {context}: "
                     f"no room to generate; shorten the prompt to at most {context - 1} tokens"
                 )
+            ids = np.asarray(prompt)
+            outside = (ids < 0) | (ids >= self.cfg.vocab_size)
+            if outside.any():  # an embedding lookup would silently clamp them
+                raise ValueError(
+                    f"prompt {i} has token id {ids[outside][0]}, outside the model's vocabulary of "
+                    f"{self.cfg.vocab_size} ids: was it encoded with another tokenizer, or with control tokens "
+                    f"the model was not trained with?"
+                )
         rows = [_Row(i, j, list(prompts[i])) for i in range(len(prompts)) for j in range(sampling.n)]
         # The prompts are prefilled once each (U rows); their n samples (B rows) continue copies of those rows.
         U, B = _bucket(len(prompts)), _bucket(len(rows))
@@ -316,14 +326,6 @@ class Engine:
         for i, prompt in enumerate(prompts):
             tokens_UxP[i, : len(prompt)] = prompt
             last_U[i] = len(prompt) - 1
-        outside_U = ((tokens_UxP < 0) | (tokens_UxP >= self.cfg.vocab_size)).any(axis=1)
-        if outside_U.any():  # an embedding lookup would silently clamp them
-            i = int(np.argmax(outside_U))
-            bad = next(t for t in prompts[i] if not 0 <= t < self.cfg.vocab_size)
-            raise ValueError(
-                f"prompt {i} has token id {bad}, outside the model's vocabulary of {self.cfg.vocab_size} ids: "
-                f"was it encoded with another tokenizer, or with control tokens the model was not trained with?"
-            )
         rows_B = np.arange(B, dtype=np.int32) % U  # padding rows copy any prompt row; they are never read
         rows_B[: len(rows)] = [row.prompt_index for row in rows]
         last_B = last_U[rows_B]

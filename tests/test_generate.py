@@ -180,6 +180,16 @@ def test_prompt_longer_than_context_is_a_clear_error():
         Engine(SMALL, params).generate([[1, 2], [3] * 64], SamplingParams(max_new_tokens=4))
 
 
+@pytest.mark.parametrize("controls, message", [
+    (dict(max_new_tokens=0), "max_new_tokens and n must be >= 1"), (dict(n=0), "max_new_tokens and n must be >= 1"),
+    (dict(top_p=0.0), "invalid sampling controls"), (dict(temperature=-1.0), "invalid sampling controls"),
+    (dict(stop_strings=("",)), "an empty stop string"),
+])
+def test_bad_sampling_controls_are_clear_errors(controls, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**controls)
+
+
 def test_token_ids_outside_the_vocabulary_are_a_clear_error():
     params = model.init_params(SMALL, jax.random.key(0))
     with pytest.raises(ValueError, match="prompt 1 has token id 96, outside the model's vocabulary of 96 ids"):
@@ -205,15 +215,17 @@ def test_n_samples_per_prompt_differ_and_are_reproducible():
     assert [[s.tokens for s in p] for p in again] == [[s.tokens for s in p] for p in first]
 
 
-def test_stop_string_split_across_tokens_stops_at_the_right_character():
+# "lo wo" spans the two tokens; "Hello " ends on the first byte of " world" (the earliest start the search reads).
+@pytest.mark.parametrize("stop, text", [("lo wo", " Hel"), ("Hello ", " ")])
+def test_stop_string_split_across_tokens_stops_at_the_right_character(stop, text):
     prompt = TOKENIZER.encode("Say:")
     words = TOKENIZER.encode(" Hello world, again and again")
-    assert TOKENIZER.decode(words[:2]) == " Hello world"  # "lo wo" spans the two tokens
+    assert TOKENIZER.decode(words[:2]) == " Hello world"
     cfg, params = scripted_gpt2(script(prompt, words))
     [samples] = Engine(cfg, params, TOKENIZER).generate(
-        [prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_strings=("again", "lo wo"), n=2))
+        [prompt], SamplingParams(temperature=0, max_new_tokens=10, stop_strings=("again", stop), n=2))
     for sample in samples:
-        assert sample.text == " Hel" and sample.finish_reason == "stop"
+        assert sample.text == text and sample.finish_reason == "stop"
         assert sample.tokens == words[:2]
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from launch import chat, sample
+from launch import chat, sample, sampling_flags
 from llm.release import load_release, save_release
 from llm.tokenizer import IM_END, tool_tokens
 from llm.tools import Search
@@ -53,6 +53,16 @@ def test_sample_command_streams_nothing_from_a_stop_string_on(tmp_path, capsys):
     sample.main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--temperature", "0", "--stop", " the"])
     # " the" is streamed token by token (" a", " time", ",", " the"); it stops the sample at its start.
     assert capsys.readouterr().out == "Once upon a time,\n[stop, 4 tokens]\n"
+
+
+def test_streamed_text_waits_for_whole_characters_before_judging_a_stop_string(capsys):
+    """"é" arrives as two byte tokens; "xa" must wait for it, since "aé" stops the sample at "x"."""
+    tokens = [*TOKENIZER.encode("xa"), *(TOKENIZER.encoding.encode_single_token(bytes([b])) for b in "é".encode())]
+    stream = sampling_flags.Printer(TOKENIZER, stop_strings=("aé",))
+    for token in tokens:
+        stream(0, 0, token)
+    stream.finish("x")
+    assert capsys.readouterr().out == "x"
 
 
 def test_chat_command_answers_in_the_chat_format(tmp_path, capsys, monkeypatch):
