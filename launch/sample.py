@@ -31,7 +31,7 @@ def main(argv=None) -> None:
         if stream:
             stream.finish(sample.text)
         else:
-            print(f"--- sample {i + 1}/{len(samples)}\n{args.prompt}{sample.text}")
+            print(f"--- sample {i + 1}/{len(samples)}\n{args.prompt}{sample.text}", end="")
         print(f"\n[{sample.finish_reason}, {len(sample.tokens)} tokens]")
 
 

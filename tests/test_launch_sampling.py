@@ -44,6 +44,9 @@ def test_sample_command_continues_the_prompt(tmp_path, capsys):
     save_release(str(tmp_path), cfg, params, TOKENIZER)
     sample.main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--temperature", "0"])
     assert capsys.readouterr().out == "Once upon a time, the end.\n[stop, 7 tokens]\n"
+    sample.main(["--checkpoint", str(tmp_path), "--prompt", "Once upon", "--temperature", "0", "--n", "2"])
+    assert capsys.readouterr().out == "".join(
+        f"--- sample {i}/2\nOnce upon a time, the end.\n[stop, 7 tokens]\n" for i in (1, 2))
 
 
 def test_sample_command_streams_nothing_from_a_stop_string_on(tmp_path, capsys):
