@@ -238,7 +238,7 @@ def _sampling_layout(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
 
 @functools.cache
 def _jitted_steps(cfg: ModelConfig) -> tuple[Callable, dict[bool, Callable]]:
-    """The jitted prefill step and decode steps (keyed by batch >= 8) for one config.
+    """The jitted prefill step and decode steps (keyed by batch >= _BATCHED_ROWS) for one config.
 
     Built once per config and process, so engines made afresh (the training loop
     makes one per sample) reuse the compilations instead of compiling again.
@@ -253,9 +253,11 @@ def _jitted_steps(cfg: ModelConfig) -> tuple[Callable, dict[bool, Callable]]:
     }
 
 
-# XLA:CPU hands matrix products to YNNPACK by default. For a decode step at 8+ rows its
-# own (Eigen) kernels are faster: 1.52-1.58 s vs 1.86-1.92 s for 128 steps of the bench
-# model at batch 8; at batch 1 YNNPACK is ~10% faster, so small batches keep it.
+# XLA:CPU hands matrix products to YNNPACK by default. For a decode step of 4+ rows its
+# own (Eigen) kernels are faster (BENCHMARKS.md): 128 steps of the bench model at batch 8
+# take 1.52-1.58 s vs 1.86-1.92 s, a step at batch 4 0.79-0.83x; at batch 2 YNNPACK's
+# step is ~12% faster and at batch 1 they tie, so batches of 1-2 keep it.
+_BATCHED_ROWS = 4
 _BATCHED_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -362,7 +364,7 @@ class Engine:
                         token = self._append(row, row.forced_queue.pop(0), 0.0, True, sampling, on_token)
                         overrides_Bx2[b] = (token, row.position)
                 forced_B = overrides_Bx2[:, 1] >= 0
-                next_B, logprob_B, cache, seen_BxV, inputs = self._decode[B >= 8](
+                next_B, logprob_B, cache, seen_BxV, inputs = self._decode[B >= _BATCHED_ROWS](
                     self._step_params, cache, seen_BxV, inputs, overrides_Bx2 if forced_B.any() else no_overrides, key, controls,
                     top_k=sampling.top_k,
                 )
