@@ -346,7 +346,10 @@ def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, c
         out_BxTxNxH = _cached_attention(
             q_BxTxNxH, cache["k"][layer].astype(dtype), cache["v"][layer].astype(dtype), context["mask_Bx1xTxS"]
         )
-    out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, p["o"].astype(dtype))
+    # Heads and head_dim merged into one contracting axis on both sides (a free reshape):
+    # contracting over (n, h) as two axes made XLA:CPU transpose the [N, H, D] weight at every step.
+    B, T, N, H = out_BxTxNxH.shape
+    out_BxTxD = out_BxTxNxH.reshape(B, T, N * H) @ p["o"].reshape(N * H, -1).astype(dtype)
     if cfg.family == "gpt2":
         out_BxTxD += p["o_bias"].astype(dtype)
     return out_BxTxD, cache
