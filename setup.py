@@ -23,6 +23,7 @@ setup(
         "numpy>=2.0",
         "pyarrow>=20",
         "safetensors>=0.6",
+        "gguf>=0.17,<0.20",  # GGUF (llama.cpp, LM Studio) in and out
         "huggingface-hub>=1.0",
         "tqdm",
         "bm25s>=0.2",  # the search tool's index
@@ -32,7 +33,7 @@ setup(
     extras_require={
         # The CPU reference stack for parity tests. torch is pinned to the release that
         # has a CPU wheel on the build machines; an unpinned torch drags in CUDA wheels.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate>=1.0"],  # accelerate: transformers' GGUF loader
         "bench": ["tokenizers>=0.22"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],

@@ -1,6 +1,10 @@
 """Chat with a fine-tuned model in the terminal, with the calculator (and optional search) tools.
 
     python -m launch.chat --checkpoint runs/sft/release [--system "You are..."] [--search-docs docs.jsonl]
+    python -m launch.chat --checkpoint ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --temperature 0
+
+A real model chats in its own format (its chat template, its end-of-turn token);
+a model whose tokenizer has no tool tokens chats without tools.
 
 Type a message and press enter; an empty line or Ctrl-D ends the chat. The
 conversation is kept as token ids, so the model sees exactly what it wrote,
@@ -12,7 +16,7 @@ import sys
 
 from launch import sampling_flags
 from llm.generate import Engine
-from llm.tokenizer import IM_END, read_texts
+from llm.tokenizer import read_texts
 from llm.tools import Calculator, Search
 
 
@@ -23,12 +27,17 @@ def main(argv=None) -> None:
     parser.add_argument("--search-docs", help="the search tool's corpus: .jsonl(.gz), one document per line in its 'text' field")
     args = parser.parse_args(argv)
     cfg, params, tokenizer = sampling_flags.load(args)
+    if tokenizer.chat_template is None:
+        sys.exit(f"{args.checkpoint}: its tokenizer has no chat format this project can render; try launch.sample")
     tools = {"python": Calculator()}
     if args.search_docs:
         tools["search"] = Search(list(read_texts(args.search_docs)))
+    if not all(tokenizer.has_tool(name) for name in tools):
+        print(f"note: {tokenizer.name} has no tool tokens; chatting without tools", file=sys.stderr)
+        tools = {}
     engine = Engine(cfg, params, tokenizer, tools=tools)
-    im_end = tokenizer.token_id(IM_END)
-    sampling = sampling_flags.sampling_params(args, stop_token_ids=(im_end, tokenizer.eot))
+    end_of_turn = tokenizer.end_of_turn
+    sampling = sampling_flags.sampling_params(args, stop_token_ids=tuple(dict.fromkeys((end_of_turn, tokenizer.eot))))
 
     history: list[int] = []
     pending = [{"role": "system", "content": args.system}] if args.system else []
@@ -39,7 +48,8 @@ def main(argv=None) -> None:
             break
         if not user:
             break
-        prompt = history + tokenizer.render_for_completion([*pending, {"role": "user", "content": user}])
+        turn = [*pending, {"role": "user", "content": user}]
+        prompt = history + tokenizer.render_for_completion(turn, start=not history)
         pending = []
         if len(prompt) >= cfg.max_seq_len:
             sys.exit(f"the conversation has reached the model's context of {cfg.max_seq_len} tokens")
@@ -47,9 +57,9 @@ def main(argv=None) -> None:
         stream = sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids, stop_strings=sampling.stop_strings)
         [[sample]] = engine.generate([prompt], sampling, on_token=stream)
         stream.finish(sample.text)
-        # The turn ends with one <|im_end|> however it stopped, so the next turn is well formed.
-        reply = sample.tokens[:-1] if sample.tokens[-1:] == [tokenizer.eot] else sample.tokens
-        history = prompt + reply + ([] if reply[-1:] == [im_end] else [im_end])
+        # The turn ends with the format's closing tokens however it stopped, so the next turn is well formed.
+        reply = sample.tokens[:-1] if sample.tokens[-1:] in ([tokenizer.eot], [end_of_turn]) else sample.tokens
+        history = prompt + reply + tokenizer.turn_end_ids
         print()
 
 

@@ -2,8 +2,9 @@
 
     python -m launch.sample --checkpoint runs/tiny/release --prompt "The history of" [--n 3 --temperature 0.8 ...]
 
-The prompt is encoded as ordinary text after `<|endoftext|>` (the document
-boundary the model was trained with); sampling stops at the next one.
+The prompt is encoded as ordinary text after the tokenizer's document start
+(`<|endoftext|>`, the boundary the model was trained with); sampling stops at
+its document end.
 """
 
 import argparse
@@ -20,7 +21,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg, params, tokenizer = sampling_flags.load(args)
     engine = Engine(cfg, params, tokenizer)
-    prompt = [tokenizer.eot, *tokenizer.encode(args.prompt)]
+    prompt = [*tokenizer.bos, *tokenizer.encode(args.prompt)]
     sampling = sampling_flags.sampling_params(args, stop_token_ids=(tokenizer.eot,), n=args.n)
     stream = None
     if args.n == 1:

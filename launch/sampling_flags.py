@@ -10,8 +10,9 @@ from llm.release import load_release
 
 
 def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a release directory, or a Hugging Face GPT-2/Llama one")
-    parser.add_argument("--tokenizer", help="encoding for a Hugging Face directory (default: gpt2 / o200k_base)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a release directory, a Hugging Face GPT-2/Llama one, a .gguf file or a GGUF hub id")
+    parser.add_argument("--tokenizer", help="an encoding overriding the checkpoint's own (gpt2, o200k_base, x.tiktoken)")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 keeps every token")

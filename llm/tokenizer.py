@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,19 +191,109 @@ def _named_by_stem(stem: str) -> str | None:
     return next((name for name, spec in NAMED_ENCODINGS.items() if stem in (name, spec.tiktoken_name)), None)
 
 
+# ----------------------------------------------------------------------------- chat formats
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A chat format as data: each message renders as `header` (with `{role}`), its content, then `footer`.
+
+    Special tokens are spelled inline (`<|im_start|>`) and become their ids; the
+    footer begins with the end-of-turn token, which a sampler stops at and which is
+    trained on with the assistant's content. `begin` and `default_system` (the
+    system message a model's own template inserts when none is given) open a
+    conversation. Content is always encoded as ordinary text.
+    """
+
+    name: str
+    header: str
+    footer: str
+    begin: str = ""
+    default_system: str | None = None
+
+    def to_jinja(self) -> str:
+        """The same format as a Hugging Face / llama.cpp Jinja chat template."""
+        pre, post = (_literal(part) for part in self.header.split("{role}"))
+        system = ""
+        if self.default_system is not None:
+            opening = _literal(self.header.replace("{role}", "system") + self.default_system + self.footer)
+            system = f"{{% if messages[0]['role'] != 'system' %}}{{{{ {opening} }}}}{{% endif %}}"
+        return (
+            f"{{{{ {_literal(self.begin)} }}}}{system}{{% for message in messages %}}"
+            f"{{{{ {pre} + message['role'] + {post} + message['content'] + {_literal(self.footer)} }}}}{{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{{{{ {pre} + 'assistant' + {post} }}}}{{% endif %}}"
+        )
+
+    @classmethod
+    def from_jinja(cls, source: str, special_tokens: Iterable[str]) -> ChatTemplate | None:
+        """The format of a model's Jinja template when it is ChatML or Llama 3's, else None."""
+        special = set(special_tokens)
+        if {"<|im_start|>", "<|im_end|>"} <= special and "<|im_start|>" in source:
+            match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", source, re.DOTALL)
+            return cls("chatml", "<|im_start|>{role}\n", "<|im_end|>\n",
+                       default_system=match.group(1) if match else None)
+        if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= special and "<|start_header_id|>" in source:
+            begin = "<|begin_of_text|>" if "<|begin_of_text|>" in special else ""
+            return cls("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", begin=begin)
+        return None
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+# The project's own format (see the module docstring).
+OUR_CHAT = ChatTemplate("llm", f"{IM_START}{{role}}{IM_SEP}", IM_END)
+
+
 # ----------------------------------------------------------------------------- the tokenizer
 
 
 class Tokenizer:
-    """A tiktoken Encoding with the project's control tokens; text is always encoded as ordinary text."""
+    """A tiktoken Encoding, its chat format and document tokens; text is always encoded as ordinary text.
 
-    def __init__(self, encoding: tiktoken.Encoding):
-        missing = [token for token in SPECIAL_TOKENS if token not in encoding.special_tokens_set]
-        if missing:
-            raise ValueError(
-                f"encoding {encoding.name} lacks control tokens {missing}; build it with Tokenizer.load or train_bpe"
-            )
+    With the default chat format (ours) the encoding must carry every control token
+    of SPECIAL_TOKENS. A real model's tokenizer brings its own format
+    (`ChatTemplate`), or None when it has none this project can render; `bos` opens
+    a document (None: nothing is prepended) and `eot` ends one.
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding, chat_template: ChatTemplate | None = OUR_CHAT,
+                 bos: str | None = ENDOFTEXT, eot: str = ENDOFTEXT, dropped: Iterable[int] = ()):
+        if chat_template == OUR_CHAT:
+            missing = [token for token in SPECIAL_TOKENS if token not in encoding.special_tokens_set]
+            if missing:
+                raise ValueError(
+                    f"encoding {encoding.name} lacks control tokens {missing}; build it with Tokenizer.load or train_bpe"
+                )
         self.encoding = encoding
+        self.chat_template = chat_template
+        self.bos_token, self.eot_token = bos, eot
+        # Placeholder ids of bytes the model's vocabulary lacks (the top ids): encoding drops them.
+        self.dropped = frozenset(dropped)
+        if self.dropped and min(self.dropped) != encoding.n_vocab - len(self.dropped):
+            raise ValueError(f"encoding {encoding.name}: dropped byte ids {sorted(self.dropped)[:4]} must be its top ids")
+        specials = sorted(encoding.special_tokens_set, key=len, reverse=True)
+        # Splits template strings into special tokens and text; never applied to content.
+        self._specials_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        named = [bos, eot]
+        if chat_template is not None:
+            t = chat_template
+            named += [piece for piece in self._pieces(t.begin + t.header + t.footer) if isinstance(piece, str)
+                      and piece in encoding.special_tokens_set]
+            first = self._pieces(t.footer)[:1]
+            if not first or first[0] not in encoding.special_tokens_set:
+                raise ValueError(f"chat template {t.name!r}: its footer {t.footer!r} must begin with one of "
+                                 f"{encoding.name}'s special tokens (the end of a turn)")
+        unknown = [token for token in named if token is not None and token not in encoding.special_tokens_set]
+        if unknown:
+            raise ValueError(f"encoding {encoding.name} has no special tokens {unknown} (its bos, eot or chat template)")
+
+    def _pieces(self, template_text: str) -> list[str]:
+        """A trusted template string cut into special tokens and the text between them."""
+        if self._specials_re is None:
+            return [template_text] if template_text else []
+        return [piece for piece in self._specials_re.split(template_text) if piece]
 
     @classmethod
     def load(cls, spec: str | os.PathLike) -> Tokenizer:
@@ -225,7 +316,15 @@ class Tokenizer:
         if sidecar.is_file():
             meta = json.loads(sidecar.read_text())
             ranks = load_rank_file(path, meta["rank_file_sha256"])
-            return cls(_encoding(meta["name"], meta["pattern"], ranks, meta["special_tokens"]))
+            # Files written before chat templates were data hold our format: no key means ours.
+            template = meta.get("chat_template", dataclasses.asdict(OUR_CHAT))
+            template = template and ChatTemplate(**template)
+            if template == OUR_CHAT:  # ours gains control tokens appended since the file was written
+                return cls(_encoding(meta["name"], meta["pattern"], ranks, meta["special_tokens"]))
+            encoding = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
+                                         special_tokens=meta["special_tokens"])
+            return cls(encoding, template, bos=meta.get("bos", ENDOFTEXT), eot=meta.get("eot", ENDOFTEXT),
+                       dropped=meta.get("dropped", ()))
         name = _named_by_stem(path.stem)
         if name is None:
             raise ValueError(
@@ -245,6 +344,10 @@ class Tokenizer:
             "pattern": self.encoding._pat_str,
             "special_tokens": self.encoding._special_tokens,
             "rank_file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "chat_template": self.chat_template and dataclasses.asdict(self.chat_template),
+            "bos": self.bos_token,
+            "eot": self.eot_token,
+            "dropped": sorted(self.dropped),
         }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
@@ -255,12 +358,32 @@ class Tokenizer:
     @property
     def n_vocab(self) -> int:
         """One more than the largest id: the size an embedding table needs."""
-        return self.encoding.n_vocab
+        return self.encoding.n_vocab - len(self.dropped)
 
     @property
     def eot(self) -> int:
-        """`<|endoftext|>`, the document boundary."""
-        return self.token_id(ENDOFTEXT)
+        """The token that ends a document (`<|endoftext|>` for ours and OpenAI's)."""
+        return self.token_id(self.eot_token)
+
+    @property
+    def bos(self) -> list[int]:
+        """What a document starts with: `<|endoftext|>` for ours, `<|begin_of_text|>` for Llama 3; may be empty."""
+        return [] if self.bos_token is None else [self.token_id(self.bos_token)]
+
+    @property
+    def end_of_turn(self) -> int:
+        """The token that ends a chat turn, where a sampler stops."""
+        return self.token_id(self._pieces(self._template().footer)[0])
+
+    @property
+    def turn_end_ids(self) -> list[int]:
+        """The ids that close a turn: the end-of-turn token and whatever the format puts after it."""
+        ids, _ = self._encode_segments(self._template_segments(self._template().footer, trained=False))
+        return ids
+
+    def has_tool(self, tool: str) -> bool:
+        """Whether the encoding has the call and output tokens of `tool`."""
+        return all(token in self.encoding.special_tokens_set for token in tool_tokens(tool))
 
     def token_id(self, special_token: str) -> int:
         """The id of a special token such as `<|im_start|>`."""
@@ -271,7 +394,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as ordinary text: a spelled-out control token stays text."""
-        return self.encoding.encode_ordinary(text)
+        ids = self.encoding.encode_ordinary(text)
+        return [i for i in ids if i not in self.dropped] if self.dropped else ids
+
+    def encode_allowing_special(self, text: str) -> list[int]:
+        """Token ids of trusted text in which spelled special tokens become those tokens (never user text)."""
+        ids = self.encoding.encode(text, allowed_special="all")
+        return [i for i in ids if i not in self.dropped] if self.dropped else ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """`encode` of many texts on a thread pool; tiktoken releases the GIL while it encodes."""
@@ -287,6 +416,8 @@ class Tokenizer:
             return [ids for chunk in pool.map(self._encode_all, chunks) for ids in chunk]
 
     def _encode_all(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.dropped:
+            return [self.encode(text) for text in texts]
         return [self.encoding.encode_ordinary(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -297,44 +428,67 @@ class Tokenizer:
         """The exact bytes of token ids."""
         return self.encoding.decode_bytes([int(i) for i in ids])
 
-    def render_conversation(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
-        """Token ids of a conversation and a loss mask, 1 exactly on assistant content and its closing `<|im_end|>`.
+    def render_conversation(self, messages: Sequence[Mapping[str, Any]], *, start: bool = True) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and a loss mask, 1 exactly on assistant content and its end-of-turn token.
 
         A message is `{"role": "system" | "user" | "assistant" | "tool", "content": str}`.
         Assistant content may also be a list of parts `{"type": "text" | tool, "text": str}`
         whose last part may be a call of a tool in TOOLS; the next message is then
         `{"role": "tool", "content": output}` (optionally with `"name": tool`) and the
         assistant message after it continues the same turn. Tool outputs are not
-        trained on: the sampler writes them, not the model.
+        trained on: the sampler writes them, not the model. The chat format is the
+        tokenizer's `chat_template`; `start=False` renders a continuation (no
+        `begin`, no default system message).
         """
-        ids, mask, state = self._render(messages)
+        ids, mask, state = self._render(messages, start)
         if state != _CLOSED:
             raise ValueError(
                 "the conversation ends inside an assistant turn: a tool call or output awaits the assistant's answer"
             )
         return ids, mask
 
-    def render_for_completion(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    def render_for_completion(self, messages: Sequence[Mapping[str, Any]], *, start: bool = True) -> list[int]:
         """Token ids that prompt for the next assistant message: the conversation and an open assistant turn."""
-        ids, _, state = self._render(messages)
-        if state == _CLOSED:
-            ids += self._header("assistant")
-        elif state != _OPEN:
+        ids, _, state = self._render(messages, start, open_assistant=True)
+        if state not in (_CLOSED, _OPEN):
             raise ValueError(f"the last message calls {state} but no tool message gives its output")
         return ids
 
-    def _header(self, role: str) -> list[int]:
-        return [self.token_id(IM_START), *self.encode(role), self.token_id(IM_SEP)]
+    def _template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.name} has no chat format this project can render (its model brought none)")
+        return self.chat_template
 
-    def _render(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int], str]:
+    def _template_segments(self, text: str, trained: bool, role: str = "") -> list[tuple[str | int, bool]]:
+        """Segments of trusted template text: special tokens as ids, the rest (role names included) as text."""
+        special = self.encoding.special_tokens_set
+        return [(self.token_id(piece) if piece in special else piece, trained)
+                for piece in self._pieces(text.replace("{role}", role))]
+
+    def _tool_id(self, token: str) -> int:
+        if token not in self.encoding.special_tokens_set:
+            raise ValueError(f"tokenizer {self.name} has no tool tokens ({token!r}): this model cannot call tools")
+        return self.token_id(token)
+
+    def _render(self, messages: Sequence[Mapping[str, Any]], start: bool, open_assistant: bool = False
+                ) -> tuple[list[int], list[int], str]:
         """Ids, mask and the final state: _CLOSED, _OPEN (turn continues after a tool output) or the tool awaiting output."""
-        ids: list[int] = []
-        mask: list[int] = []
+        template = self._template()
+        segments: list[tuple[str | int, bool]] = []  # text or a special token's id, and whether it is trained
 
-        def emit(tokens: Sequence[int], trained: bool) -> None:
-            ids.extend(tokens)
-            mask.extend([int(trained)] * len(tokens))
+        def header(role: str) -> None:
+            segments.extend(self._template_segments(template.header, False, role))
 
+        def footer(trained: bool) -> None:
+            end, *rest = self._template_segments(template.footer, False)
+            segments.extend([(end[0], trained), *rest])
+
+        if start:
+            segments.extend(self._template_segments(template.begin, False))
+            if template.default_system is not None and (not messages or messages[0].get("role") != "system"):
+                header("system")
+                segments.append((template.default_system, False))
+                footer(False)
         state = _CLOSED
         for i, message in enumerate(messages):
             role, parts = _parse_message(message, i)
@@ -345,8 +499,8 @@ class Tokenizer:
                     )
                 if message.get("name", state) != state:
                     raise ValueError(f"message {i}: output of tool {message['name']!r}, but the call was to {state!r}")
-                _, _, start, end = tool_tokens(state)
-                emit([self.token_id(start), *self.encode(parts[0][1]), self.token_id(end)], trained=False)
+                _, _, out_start, out_end = tool_tokens(state)
+                segments.extend([(self._tool_id(out_start), False), (parts[0][1], False), (self._tool_id(out_end), False)])
                 state = _OPEN
                 continue
             if state not in (_CLOSED, _OPEN):
@@ -356,21 +510,65 @@ class Tokenizer:
                     f"message {i}: after a tool output the assistant continues its turn, got a {role} message"
                 )
             if state == _CLOSED:
-                emit(self._header(role), trained=False)
+                header(role)
             trained = role == "assistant"
             for kind, text in parts:
                 if kind == "text":
-                    emit(self.encode(text), trained)
+                    segments.append((text, trained))
                 else:
-                    start, end, _, _ = tool_tokens(kind)
-                    emit([self.token_id(start), *self.encode(text), self.token_id(end)], trained)
+                    call_start, call_end, _, _ = tool_tokens(kind)
+                    segments.extend([(self._tool_id(call_start), trained), (text, trained),
+                                     (self._tool_id(call_end), trained)])
             last_kind = parts[-1][0] if parts else "text"
             if last_kind == "text":
-                emit([self.token_id(IM_END)], trained)
+                footer(trained)
                 state = _CLOSED
             else:
                 state = last_kind  # the turn stays open for the tool's output
+        if open_assistant and state == _CLOSED:
+            header("assistant")
+        ids, mask = self._encode_segments(segments)
         return ids, mask, state
+
+    def _encode_segments(self, segments: Sequence[tuple[str | int, bool]]) -> tuple[list[int], list[int]]:
+        """Ids and mask of segments; adjacent text is encoded as one string, as the model's own template renders it.
+
+        A token made of trained and untrained text (a header's newline merged with
+        content) counts as trained.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        run: list[tuple[str, bool]] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            text = "".join(t for t, _ in run)
+            tokens = self.encode(text)
+            ids.extend(tokens)
+            if len({trained for _, trained in run}) == 1:
+                mask.extend([int(run[0][1])] * len(tokens))
+            else:  # per token: does its byte span overlap a trained segment's?
+                trained_bytes = []
+                for t, trained in run:
+                    trained_bytes += [trained] * len(t.encode("utf-8", errors="surrogatepass"))
+                offset = 0
+                for token in tokens:
+                    width = len(self.encoding.decode_single_token_bytes(token))
+                    mask.append(int(any(trained_bytes[offset:offset + width])))
+                    offset += width
+            run.clear()
+
+        for piece, trained in segments:
+            if isinstance(piece, str):
+                if piece:
+                    run.append((piece, trained))
+            else:
+                flush()
+                ids.append(piece)
+                mask.append(int(trained))
+        flush()
+        return ids, mask
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"

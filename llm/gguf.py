@@ -1,0 +1,495 @@
+"""GGUF (llama.cpp, LM Studio) in and out: model config, params and tokenizer.
+
+    cfg, params, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # or "owner/repo/file.gguf" on the hub
+    save_gguf("model.gguf", cfg, params, tokenizer, dtype="q8_0")           # llama.cpp and LM Studio run it
+
+Reading and writing go through the `gguf` package (its reader, writer and
+`gguf.quants`); quantized tensors are dequantized to float32 on load. Tensors map
+to Hugging Face's names and then through `llm/hf.py`, so GGUF needs no layout
+code of its own beyond llama.cpp's two conventions: GPT-2 matrices are stored
+output-major (the transpose of GPT-2's `Conv1D`), and Llama's query and key rows
+are permuted so that RoPE rotates adjacent pairs (llama.cpp) instead of the two
+halves of a head (Hugging Face, and this project). The Llama-3.1 RoPE scaling
+travels as llama.cpp's `rope_freqs` tensor (one divisor per frequency); its
+parameters are written beside it under `llm.*` keys, and recovered from the
+tensor when a file has no such keys.
+
+The tokenizer is the file's byte-level BPE (`tokenizer.ggml.*`) converted to a
+tiktoken encoding (`llm/hf_tokenizer.py`) and its chat template read as data
+(ChatML or Llama 3's); our own format is kept exactly under `llm.chat_template`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from llm import hf, hf_tokenizer
+from llm.config import ModelConfig
+from llm.tokenizer import ChatTemplate, Tokenizer
+
+ARCHITECTURES = ("llama", "gpt2")
+# Tensor types read (dequantized to float32) and written.
+READ_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+WRITE_TYPES = ("f32", "f16", "q8_0")
+
+_LLAMA_NAMES = {  # Hugging Face (after "model.") -> GGUF
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GPT2_NAMES = {  # Hugging Face (after "transformer.") -> GGUF
+    "wte.weight": "token_embd.weight",
+    "wpe.weight": "position_embd.weight",
+    "ln_f.weight": "output_norm.weight",
+    "ln_f.bias": "output_norm.bias",
+    "ln_1.weight": "attn_norm.weight",
+    "ln_1.bias": "attn_norm.bias",
+    "attn.c_attn.weight": "attn_qkv.weight",
+    "attn.c_attn.bias": "attn_qkv.bias",
+    "attn.c_proj.weight": "attn_output.weight",
+    "attn.c_proj.bias": "attn_output.bias",
+    "ln_2.weight": "ffn_norm.weight",
+    "ln_2.bias": "ffn_norm.bias",
+    "mlp.c_fc.weight": "ffn_up.weight",
+    "mlp.c_fc.bias": "ffn_up.bias",
+    "mlp.c_proj.weight": "ffn_down.weight",
+    "mlp.c_proj.bias": "ffn_down.bias",
+}
+_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+class GGUFError(ValueError):
+    """A GGUF file this project cannot read; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def resolve_gguf(source: str, revision: str | None = None) -> str:
+    """A local `.gguf` path as is; a hub file (`owner/repo/file.gguf`, or `owner/repo[:QUANT]` of a GGUF repo) downloaded."""
+    if os.path.isfile(source):
+        return source
+    if source.startswith((".", "/", "~")) or os.path.exists(source) or source.count("/") < 1:
+        raise FileNotFoundError(f"no GGUF file at {source}")
+    import huggingface_hub
+
+    parts = source.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    quant = None
+    if ":" in repo:
+        repo, quant = repo.split(":", 1)
+    try:
+        if filename is None:
+            files = [f for f in huggingface_hub.list_repo_files(repo, revision=revision) if f.endswith(".gguf")]
+            chosen = [f for f in files if quant is None or quant.lower() in os.path.basename(f).lower()]
+            if len(chosen) != 1:
+                raise FileNotFoundError(
+                    f"hub repo {repo} has {len(chosen)} GGUF files{f' matching {quant!r}' if quant else ''} "
+                    f"({files[:10]}): name one as {repo}/FILE.gguf or {repo}:QUANT"
+                )
+            filename = chosen[0]
+        return huggingface_hub.hf_hub_download(repo, filename, revision=revision)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # offline, unknown repo, gated model: say which and why
+        raise RuntimeError(
+            f"could not fetch {source!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Offline? Pass a local .gguf file instead."
+        ) from e
+
+
+def is_gguf(source: str) -> bool:
+    """Whether `load_release` should read `source` as GGUF: a .gguf path, or a hub id of a GGUF file or repo."""
+    if source.endswith(".gguf"):
+        return True
+    repo = source.split(":", 1)[0]
+    return not os.path.exists(source) and repo.count("/") == 1 and (":" in source or repo.lower().endswith("gguf"))
+
+
+def read(path: str):
+    """The `gguf.GGUFReader` of a file, with truncation and format errors naming the file."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, not b'GGUF')")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader memory-maps the file; a short one fails deep inside numpy
+        raise GGUFError(f"{path}: unreadable GGUF, truncated or corrupt ({type(e).__name__}: {e})") from e
+
+
+def metadata(reader) -> dict[str, Any]:
+    """Every key/value of a GGUF file except the token arrays, as Python values."""
+    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+    return {key: field.contents() for key, field in reader.fields.items() if key not in skip}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_gguf(source: str, *, tokenizer: str | None = None, **model_overrides: Any) -> tuple[ModelConfig, dict, Tokenizer]:
+    """Our `(ModelConfig, params, Tokenizer)` of a GGUF file or hub id; `model_overrides` set execution fields."""
+    import jax.numpy as jnp
+
+    path = resolve_gguf(source)
+    reader = read(path)
+    meta = metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: general.architecture is {arch!r}; supported: {ARCHITECTURES}")
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = model_config(path, meta, tensors, **model_overrides)
+    params = hf.params_from_hf(cfg, _hf_tensors(path, cfg, tensors))
+    tok = Tokenizer.load(tokenizer) if tokenizer else read_tokenizer(path, reader)
+    if tok.n_vocab > cfg.vocab_size:
+        raise GGUFError(f"{path}: the tokenizer has {tok.n_vocab} ids but token_embd.weight only {cfg.vocab_size} rows")
+    import jax
+
+    return cfg, jax.tree.map(jnp.asarray, params), tok
+
+
+def model_config(path: str, meta: Mapping[str, Any], tensors: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a GGUF file's metadata (and, for tying and RoPE scaling, its tensor list)."""
+    arch = meta["general.architecture"]
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise GGUFError(f"{path}: metadata {arch}.{key} is missing")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{path}: tensor token_embd.weight is missing")
+    vocab_size = int(tensors["token_embd.weight"].shape[1])  # GGUF shapes are innermost-first: [D, V]
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    fields = dict(
+        vocab_size=vocab_size, n_layer=int(get("block_count")), n_embd=n_embd, n_head=n_head,
+        mlp_dim=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
+    )
+    for key in ("attention.key_length", "attention.value_length"):
+        if f"{arch}.{key}" in meta and int(meta[f"{arch}.{key}"]) != n_embd // n_head:
+            raise GGUFError(f"{path}: {arch}.{key} = {meta[f'{arch}.{key}']}, this project needs embedding / heads "
+                            f"= {n_embd // n_head}")
+    if arch == "gpt2":
+        fields.update(family="gpt2", n_kv_head=n_head, norm_eps=_f32(get("attention.layer_norm_epsilon", 1e-5)),
+                      tie_embeddings=True)
+    else:
+        n_kv = get("attention.head_count_kv", n_head)
+        if not isinstance(n_kv, (int, np.integer)):
+            raise GGUFError(f"{path}: {arch}.attention.head_count_kv varies per layer ({n_kv}); not supported")
+        rope_dim = int(get("rope.dimension_count", n_embd // n_head))
+        if rope_dim != n_embd // n_head:
+            raise GGUFError(f"{path}: {arch}.rope.dimension_count = {rope_dim} (partial RoPE) is not supported")
+        scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+        if scaling not in ("none", None):
+            raise GGUFError(f"{path}: {arch}.rope.scaling.type = {scaling!r} is not supported (only Llama-3.1 rope_freqs)")
+        fields.update(family="llama", n_kv_head=int(n_kv), norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                      rope_theta=float(get("rope.freq_base", 10_000.0)), tie_embeddings="output.weight" not in tensors)
+        if "rope_freqs.weight" in tensors:
+            factors = _dequantize(path, tensors["rope_freqs.weight"]).reshape(-1)
+            fields.update(_rope_scaling(path, meta, factors, fields["rope_theta"], n_embd // n_head))
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _f32(value: float) -> float:
+    """A float32 from the file as the decimal it was written from (9.999999747e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+def rope_factors(cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp's `rope_freqs`: per frequency, the divisor of the Llama-3.1 scaled RoPE."""
+    half = cfg.head_dim // 2
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(half) * 2.0 / cfg.head_dim)
+    wavelen = 2 * np.pi / freqs
+    low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    mid = 1.0 / ((1 - smooth) / cfg.rope_factor + smooth)
+    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, cfg.rope_factor, mid)).astype(np.float32)
+
+
+def _rope_scaling(path: str, meta: Mapping[str, Any], factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """The Llama-3.1 RoPE parameters behind a `rope_freqs` tensor: from our `llm.*` keys, else fitted to it.
+
+    The scaling depends on the original context only through original / low_freq_factor
+    and original / high_freq_factor, so the fit fixes low_freq_factor = 1.
+    """
+    keys = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+    if all(f"llm.{k}" in meta for k in keys):
+        found = {k: meta[f"llm.{k}"] for k in keys}
+        found["rope_original_max_len"] = int(found["rope_original_max_len"])
+    else:
+        factor = float(factors.max())
+        freqs = 1.0 / theta ** (np.arange(len(factors)) * 2.0 / head_dim)
+        mid = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+        if factor <= 1 + 1e-6:
+            return {}
+        if mid.sum() < 2:
+            raise GGUFError(f"{path}: tensor rope_freqs.weight has too few smoothed frequencies to recover the "
+                            "Llama-3.1 RoPE scaling, and the file has no llm.rope_* keys")
+        smooth = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)  # = original / wavelen - low, over high - low
+        slope, intercept = np.polyfit(freqs[mid] / (2 * np.pi), smooth, 1)  # slope = orig/(h-l), intercept = -l/(h-l)
+        high = 1 - 1 / intercept
+        found = dict(rope_factor=factor, rope_low_freq_factor=1.0, rope_high_freq_factor=float(high),
+                     rope_original_max_len=int(round(slope * (high - 1))))
+    probe = ModelConfig(family="llama", vocab_size=1, n_layer=1, n_embd=head_dim, n_head=1, n_kv_head=1, mlp_dim=1,
+                        max_seq_len=1, rope_theta=theta, **found)
+    if not np.allclose(rope_factors(probe), factors, rtol=1e-3):
+        raise GGUFError(f"{path}: tensor rope_freqs.weight is not a Llama-3.1 RoPE scaling this project can reproduce")
+    return found
+
+
+def _dequantize(path: str, tensor) -> np.ndarray:
+    """A tensor as float32 in numpy order (outermost first)."""
+    import gguf
+
+    kind = tensor.tensor_type.name
+    if kind not in READ_TYPES:
+        raise GGUFError(f"{path}: tensor {tensor.name} has type {kind}; supported: {READ_TYPES}")
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    try:
+        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+    except Exception as e:
+        raise GGUFError(f"{path}: tensor {tensor.name} ({kind}, shape {shape}) could not be dequantized: {e}") from e
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face query/key rows -> llama.cpp's: each head's two halves interleaved, as its RoPE rotates pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `_permute`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Every weight of a GGUF file under its Hugging Face name, dequantized, in Hugging Face layout."""
+    names = _LLAMA_NAMES if cfg.family == "llama" else _GPT2_NAMES
+    to_hf = {v: k for k, v in names.items()}
+    prefix = "model." if cfg.family == "llama" else "transformer."
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if name == "rope_freqs.weight":
+            continue  # read into the config
+        match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+        base = match.group(2) if match else name
+        if base not in to_hf:
+            raise GGUFError(f"{path}: tensor {name} is not part of a {cfg.family} model this project knows")
+        w = _dequantize(path, tensor)
+        if cfg.family == "llama" and base in ("attn_q.weight", "attn_k.weight"):
+            w = _unpermute(w, cfg.n_head if base == "attn_q.weight" else cfg.n_kv_head)
+        if cfg.family == "gpt2" and base in _GPT2_TRANSPOSED:
+            w = w.T
+        if cfg.family == "gpt2" and name == "output.weight":
+            continue  # GPT-2 ties its head to token_embd; llama.cpp's converter stores a copy
+        hf_name = to_hf[base]
+        if hf_name == "lm_head.weight":
+            out[hf_name] = w
+        else:
+            out[prefix + (f"layers.{match.group(1)}." if cfg.family == "llama" and match else
+                          f"h.{match.group(1)}." if match else "") + hf_name] = w
+    return out
+
+
+def read_tokenizer(path: str, reader) -> Tokenizer:
+    """The file's byte-level BPE (`tokenizer.ggml.*`) as a Tokenizer, with its chat template and document tokens."""
+    fields = reader.fields
+
+    def strings(key: str) -> list[str]:
+        if key not in fields:
+            raise GGUFError(f"{path}: metadata {key} is missing")
+        field = fields[key]
+        return [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
+
+    meta = metadata(reader)
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in hf_tokenizer.PRE_TOKENIZERS:
+        raise GGUFError(f"{path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer this project does not support "
+                        f"(supported: {sorted(hf_tokenizer.PRE_TOKENIZERS)})")
+    tokens = strings("tokenizer.ggml.tokens")
+    types = list(fields["tokenizer.ggml.token_type"].contents()) if "tokenizer.ggml.token_type" in fields else [1] * len(tokens)
+    merges = strings("tokenizer.ggml.merges") if "tokenizer.ggml.merges" in fields else []
+    # Control (3) and user-defined (4) tokens are matched whole, never merged from bytes; unused (5) are padding.
+    special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (3, 4, 5)}
+    names = {i: t for t, i in special.items()}
+    bos_id, eos_id = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    ours = meta.get("llm.chat_template")
+    if ours is not None:
+        template = ChatTemplate(**json.loads(ours)) if ours != "null" else None
+    elif isinstance(meta.get("tokenizer.chat_template"), str):
+        template = ChatTemplate.from_jinja(meta["tokenizer.chat_template"], special)
+    else:
+        template = None
+    if "llm.eot" in meta:  # written by save_gguf: our own document tokens, exactly
+        bos, eot = meta.get("llm.bos"), meta["llm.eot"]
+    else:
+        try:
+            bos, eot = hf_tokenizer.document_tokens(
+                special, names.get(bos_id) if meta.get("tokenizer.ggml.add_bos_token") else None, names.get(eos_id))
+        except ValueError as e:
+            raise GGUFError(f"{path}: tokenizer.ggml.eos_token_id: {e}") from None
+    return hf_tokenizer.from_vocab(tokens, merges, pre=pre, special=special, source=path, chat_template=template,
+                                   bos=bos, eot=eot,
+                                   name=meta.get("llm.tokenizer_name") or meta.get("general.name") or "gguf")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_gguf(path: str, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, *, dtype: str = "f32",
+              name: str = "llm") -> None:
+    """Writes a GGUF file llama.cpp runs: weights as `dtype` (f32, f16 or q8_0; norms, biases stay f32), tokenizer, chat template."""
+    import gguf
+
+    if dtype not in WRITE_TYPES:
+        raise ValueError(f"GGUF dtype {dtype!r}: expected one of {WRITE_TYPES}")
+    if cfg.qk_norm or cfg.logit_softcap:
+        raise ValueError("qk_norm and logit_softcap have no llama.cpp GPT-2/Llama equivalent; cannot export to GGUF")
+    if tokenizer.n_vocab > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model only {cfg.vocab_size} logits")
+    arch = cfg.family
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.mlp_dim)
+    w.add_head_count(cfg.n_head)
+    w.add_vocab_size(cfg.vocab_size)
+    if arch == "gpt2":
+        if cfg.n_kv_head != cfg.n_head:
+            raise ValueError("llama.cpp's GPT-2 has no grouped-query attention; cannot export n_kv_head < n_head")
+        w.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(cfg.head_dim)
+        if cfg.rope_factor != 1.0:
+            w.add_tensor("rope_freqs.weight", rope_factors(cfg))
+            for key in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+                w.add_float32(f"llm.{key}", getattr(cfg, key))
+            w.add_uint32("llm.rope_original_max_len", cfg.rope_original_max_len)
+    _add_tokenizer(w, cfg, tokenizer)
+    for hf_name, tensor in hf.params_to_hf(cfg, params).items():
+        gguf_name = _gguf_name(cfg, hf_name)
+        base = gguf_name.split(".", 2)[-1] if gguf_name.startswith("blk.") else gguf_name
+        if arch == "llama" and base in ("attn_q.weight", "attn_k.weight"):
+            tensor = _permute(tensor, cfg.n_head if base == "attn_q.weight" else cfg.n_kv_head)
+        if arch == "gpt2" and base in _GPT2_TRANSPOSED:
+            tensor = tensor.T
+        _add_weight(w, gguf_name, np.ascontiguousarray(tensor, np.float32), dtype)
+    if arch == "gpt2":  # llama.cpp's GPT-2 converter stores the tied head; older llama.cpp builds require it
+        _add_weight(w, "output.weight", np.ascontiguousarray(np.asarray(params["embed"], np.float32)), dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _gguf_name(cfg: ModelConfig, hf_name: str) -> str:
+    if cfg.family == "llama":
+        if hf_name == "lm_head.weight":
+            return "output.weight"
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+        return f"blk.{match.group(1)}.{_LLAMA_NAMES[match.group(2)]}" if match else _LLAMA_NAMES[hf_name.removeprefix("model.")]
+    match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", hf_name)
+    return f"blk.{match.group(1)}.{_GPT2_NAMES[match.group(2)]}" if match else _GPT2_NAMES[hf_name.removeprefix("transformer.")]
+
+
+def _add_weight(writer, name: str, tensor: np.ndarray, dtype: str) -> None:
+    """Matrices as `dtype`; vectors (norms, biases) and position tables f32, as llama.cpp expects them."""
+    import gguf
+
+    if tensor.ndim < 2 or dtype == "f32" or name == "position_embd.weight":
+        writer.add_tensor(name, tensor)
+    elif dtype == "f16" or tensor.shape[-1] % 32:  # Q8_0 packs rows in blocks of 32; llama.cpp falls back the same way
+        writer.add_tensor(name, tensor.astype(np.float16))
+    else:
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
+
+
+def _add_tokenizer(writer, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The tiktoken encoding as llama.cpp's byte-level BPE: tokens by id, merges, types, pre-tokenizer, chat template."""
+    enc = tokenizer.encoding
+    pre = hf_tokenizer.pre_tokenizer_of_pattern(enc._pat_str)
+    if pre is None:
+        raise ValueError(f"tokenizer {tokenizer.name}: its split pattern has no llama.cpp pre-tokenizer "
+                         f"(supported: {sorted(hf_tokenizer.PRE_TOKENIZERS)}); cannot export to GGUF")
+    by_id: dict[int, bytes] = {rank: token for token, rank in enc._mergeable_ranks.items()}
+    special = {i: t for t, i in enc._special_tokens.items()}
+    tokens, types = [], []
+    for i in range(cfg.vocab_size):  # every row of the embedding gets a token; gaps are padding
+        if i in by_id:
+            tokens.append(hf_tokenizer.token_string(by_id[i]))
+            types.append(1)
+        elif i in special:
+            tokens.append(special[i])
+            types.append(3)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(_merges(enc._mergeable_ranks))
+    writer.add_eos_token_id(tokenizer.eot)
+    if tokenizer.bos:
+        writer.add_bos_token_id(tokenizer.bos[0])
+    writer.add_add_bos_token(bool(tokenizer.bos))
+    writer.add_string("llm.tokenizer_name", tokenizer.name)
+    writer.add_string("llm.eot", tokenizer.eot_token)
+    if tokenizer.bos_token is not None:
+        writer.add_string("llm.bos", tokenizer.bos_token)
+    template = tokenizer.chat_template
+    writer.add_string("llm.chat_template", json.dumps(template and dataclasses.asdict(template)))
+    if template is not None:
+        writer.add_chat_template(template.to_jinja())
+        writer.add_eot_token_id(tokenizer.end_of_turn)
+
+
+def _merges(ranks: Mapping[bytes, int]) -> list[str]:
+    """A merge list under which Hugging Face's and llama.cpp's BPE encode as tiktoken does.
+
+    tiktoken merges the adjacent pair whose concatenation ranks lowest, whichever two
+    parts it is made of; so every split of a token into two tokens is a merge, ordered
+    by the rank of the result (as transformers' TikTokenConverter does).
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks and ranks[left] < rank and ranks[right] < rank:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return [f"{hf_tokenizer.token_string(a)} {hf_tokenizer.token_string(b)}" for *_, a, b in merges]
