@@ -1,7 +1,7 @@
 """A released model: one directory with the params, the model config and the tokenizer.
 
     save_release("release/", cfg, params, tokenizer)
-    cfg, params, tokenizer = load_release("release/")     # or a Hugging Face GPT-2/Llama directory
+    cfg, params, tokenizer = load_release("release/")     # or a Hugging Face GPT-2/Llama directory, or a .gguf
 
 Files: `model.safetensors` (our params, keys are pytree paths such as
 `blocks/attn/q`), `model_config.json` (the `ModelConfig` fields) and
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm import hf
+from llm import gguf, hf, hf_tokenizer
 from llm.config import ModelConfig
 from llm.model import init_params
 from llm.tokenizer import Tokenizer
@@ -42,8 +42,11 @@ def save_release(directory: str, cfg: ModelConfig, params: Any, tokenizer: Token
 
 
 def load_release(directory: str, tokenizer: str | None = None, **model_overrides: Any) -> tuple[ModelConfig, Any, Tokenizer]:
-    """Our release directory, or a Hugging Face one (then `tokenizer` names its encoding, e.g. "gpt2")."""
+    """Our release directory, a Hugging Face one, or a GGUF file or hub id (`tokenizer` overrides the model's own)."""
     from safetensors.numpy import load_file
+
+    if gguf.is_gguf(directory):
+        return gguf.load_gguf(directory, tokenizer=tokenizer, **model_overrides)
 
     config_path = os.path.join(directory, "model_config.json")
     if not os.path.exists(config_path):
