@@ -166,7 +166,7 @@ def _step(cfg: ModelConfig, params, cache, tokens_UxT, positions_UxT, last_U, se
     are (B = U, as at every decode step).
     Returns (next token, its log-probability, cache, seen-token mask or None) for B rows.
     """
-    x_UxTxD, cache = model.hidden_states(cfg, params, tokens_UxT, positions_BxT=positions_UxT, cache=cache)
+    x_UxTxD, cache = _hidden_states(cfg, params, tokens_UxT, positions_UxT, cache)
     U, T = tokens_UxT.shape
     x_UxD = x_UxTxD[jnp.arange(U), last_U]  # only each row's last position is sampled from
     if seen_UxV is not None:  # tracked only under a repetition penalty
@@ -192,7 +192,7 @@ def _prefill(cfg: ModelConfig, params, tokens_UxP, positions_UxP, last_U, key, c
     the compiled step, so nothing is copied in or donated, whatever the batch becomes.
     """
     U = tokens_UxP.shape[0]
-    cache = model.init_cache(cfg, U, cache_len, per_layer=isinstance(params["blocks"], list))
+    cache = _empty_cache(cfg, params, U, cache_len)
     seen_UxV = jnp.zeros((U, cfg.vocab_size), bool) if track_seen else None
     return _step(cfg, params, cache, tokens_UxP, positions_UxP, last_U, seen_UxV, key, 0, controls, top_k, rows_B)
 
@@ -226,7 +226,8 @@ def _sampling_layout(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
     at the cost of one extra copy of the parameters: each layer as its own buffer
     (slicing a stacked layer copies it at every step) and the head as [D, V], which
     XLA:CPU multiplies ~1.5x faster than the tied [V, D] table (BENCHMARKS.md).
-    Accelerators keep the training layout and its memory.
+    Per-layer blocks go with a `_LayerCache`. Accelerators keep the training layout,
+    its memory and the model's stacked `KVCache`.
     """
     if jax.default_backend() != "cpu":
         return cfg, params
@@ -234,6 +235,82 @@ def _sampling_layout(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
     if cfg.tie_embeddings:
         cfg, params = dataclasses.replace(cfg, tie_embeddings=False), {**params, "lm_head": params["embed"].T}
     return cfg, params
+
+
+def _hidden_states(cfg: ModelConfig, params, tokens_BxT, positions_BxT, cache):
+    """`model.hidden_states` over the sampling layout: per-layer blocks run unrolled, each read in place."""
+    if not isinstance(params["blocks"], list):
+        return model.hidden_states(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
+    x_BxTxD, context = model.embed(cfg, params, tokens_BxT, positions_BxT=positions_BxT, cache=cache)
+    carry = (x_BxTxD, cache)
+    for i, layer_params in enumerate(params["blocks"]):
+        carry, _ = model.block(cfg, context, carry, (layer_params, i))
+    x_BxTxD, cache = carry
+    return model.final_norm(cfg, params, x_BxTxD), cache
+
+
+def _empty_cache(cfg: ModelConfig, params, batch: int, length: int):
+    """A cache in the layout that goes with the blocks': `_LayerCache` for per-layer blocks, else the model's."""
+    if not isinstance(params["blocks"], list):
+        return model.init_cache(cfg, batch, length)
+    B, K, H, S, dtype = batch, cfg.n_kv_head, cfg.head_dim, length, model.compute_dtype(cfg)
+    return _LayerCache([jnp.zeros((B, K, S, H), dtype) for _ in range(cfg.n_layer)],
+                       [jnp.zeros((B, K, H, S), dtype) for _ in range(cfg.n_layer)])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _LayerCache:
+    """The CPU sampler's KV cache: per layer its own buffers, keys [B, K, S, H] and values [B, K, H, S].
+
+    The model's cache protocol (`model.KVCache`) in the layout XLA:CPU decodes
+    fastest (BENCHMARKS.md). Each tensor is stored the way a decode step's two
+    matrix-vector products read it, the contracted dimension minor (head dims for
+    keys, positions for values), so no step transposes the cache; and each layer,
+    like its weights, is its own buffer read in place, not sliced out of a stack.
+    Layers are Python ints: it runs under `_hidden_states`' unrolled loop, not a scan.
+    """
+
+    k: list[jax.Array]  # L x [B, K, S, H]
+    v: list[jax.Array]  # L x [B, K, H, S]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def rows(self, rows_B: jax.Array) -> _LayerCache:
+        return _LayerCache([k[rows_B] for k in self.k], [v[rows_B] for v in self.v])
+
+    def write(self, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, positions_BxT: jax.Array) -> _LayerCache:
+        k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
+        v_BxKxHxT = v_BxTxKxH.transpose(0, 2, 3, 1)
+        k = _write_rows(self.k[layer], k_BxKxTxH, positions_BxT[:, 0], axis=2)
+        v = _write_rows(self.v[layer], v_BxKxHxT, positions_BxT[:, 0], axis=3)
+        return _LayerCache([*self.k[:layer], k, *self.k[layer + 1:]], [*self.v[:layer], v, *self.v[layer + 1:]])
+
+    def attend(self, layer: int, q_BxTxNxH: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+        dtype = q_BxTxNxH.dtype
+        probs_BxKxGxTxS = model.attention_weights(q_BxTxNxH, self.k[layer].astype(dtype), mask_Bx1xTxS)
+        out_BxTxKxGxH = jnp.einsum("bkgts,bkhs->btkgh", probs_BxKxGxTxS, self.v[layer].astype(dtype))
+        return out_BxTxKxGxH.reshape(q_BxTxNxH.shape)
+
+
+def _write_rows(slots: jax.Array, new: jax.Array, start_B: jax.Array, axis: int) -> jax.Array:
+    """`slots` ([B, ...]) with row b's new tokens (`new`, laid out as the slots) written from `start_B[b]` along `axis`.
+
+    A row's tokens sit at consecutive positions (a prompt, a chunk of one, or one
+    decoded token), so each row is one in-place dynamic-update-slice. A scatter at
+    per-row positions (the model's `KVCache.write`) made XLA:CPU transpose the whole
+    cache around it; blending the tokens in with a one-hot product costs B*T*S*K*H
+    flops. The caller keeps positions + T within the cache (dynamic-update-slice clamps).
+    """
+    new = new.astype(slots.dtype)
+
+    def write_row(b, slots):
+        start = [b if d == 0 else start_B[b] if d == axis else 0 for d in range(slots.ndim)]
+        return jax.lax.dynamic_update_slice(slots, jax.lax.dynamic_slice_in_dim(new, b, 1), start)
+
+    return jax.lax.fori_loop(0, start_B.shape[0], write_row, slots, unroll=min(start_B.shape[0], 8))
 
 
 @functools.cache

@@ -7,8 +7,12 @@
 GELU(tanh) MLP, biases everywhere, tied embeddings) or "llama" (RoPE with the
 Llama-3.1 frequency scaling, RMSNorm, SwiGLU, grouped-query attention, no biases,
 tied or untied embeddings). Layers are stored stacked on a leading `layers` axis
-whether or not they are scanned, so checkpoints do not depend on `scan_layers`
-(the sampler alone may pass them as a list of per-layer trees).
+whether or not they are scanned, so checkpoints do not depend on `scan_layers`.
+
+A KV cache is any object with `KVCache`'s four members (`length`, `rows`, `write`,
+`attend`): attention hands it the new keys and values and asks it for the
+attended output, so a sampler may keep its own cache layout (generate.py's CPU
+one) while training, rollouts and evals share this module's stacked `KVCache`.
 
 Shape legend for tensor names:
     B batch          T query length        S key/value (cache) length
@@ -30,7 +34,7 @@ from llm.config import ModelConfig
 from llm.sharding import constrain
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]
+Cache = Any  # a KVCache, or another object with its members (the cache protocol)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -154,36 +158,67 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.dtype)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, per_layer: bool = False) -> Cache:
-    """An empty KV cache holding `max_len` positions per row: keys [L, B, K, S, H], values [L, B, K, H, S].
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Every layer's keys and values, both [L, B, K, S, H]: S slots per row, written at token positions.
 
-    Each is stored the way a decode step's two matrix-vector products read it, the
-    contracted dimension minor (head dims for keys, positions for values), so no
-    step transposes the cache.
-    `per_layer` makes "k" and "v" lists of L per-layer buffers, to go with blocks
-    given as a list: each layer then reads its slots in place instead of copying
-    them out of the stack.
+    One stacked buffer per tensor, like the blocks, so the cache rides in the carry of
+    a layer scan. Its methods are the cache protocol attention calls; generate.py
+    implements the same four members for its CPU layout.
     """
+
+    k_LxBxKxSxH: jax.Array
+    v_LxBxKxSxH: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k_LxBxKxSxH.shape[3]
+
+    def rows(self, rows_B: jax.Array) -> KVCache:
+        return KVCache(self.k_LxBxKxSxH[:, rows_B], self.v_LxBxKxSxH[:, rows_B])
+
+    def write(self, layer: Any, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, positions_BxT: jax.Array) -> KVCache:
+        """Layer `layer`'s new keys and values written at their positions, all rows in one scatter.
+
+        Row b's token t goes to slot positions_BxT[b, t]; (row, position) pairs are
+        distinct, and a position past the cache is dropped rather than clamped onto
+        another slot.
+        """
+        rows_Bx1 = jnp.arange(k_BxTxKxH.shape[0])[:, None]
+
+        def scatter(slots_LxBxKxSxH, new_BxTxKxH):
+            # Advanced indices split by a slice index the update as [B, T, K, H], the new tokens as computed.
+            at = slots_LxBxKxSxH.at[layer, rows_Bx1, :, positions_BxT]
+            return at.set(new_BxTxKxH.astype(slots_LxBxKxSxH.dtype), mode="drop", unique_indices=True)
+
+        return KVCache(scatter(self.k_LxBxKxSxH, k_BxTxKxH), scatter(self.v_LxBxKxSxH, v_BxTxKxH))
+
+    def attend(self, layer: Any, q_BxTxNxH: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+        """Layer `layer`'s attention output [B, T, N, H] over its slots; the mask says which slots each query sees."""
+        dtype = q_BxTxNxH.dtype
+        probs_BxKxGxTxS = attention_weights(q_BxTxNxH, self.k_LxBxKxSxH[layer].astype(dtype), mask_Bx1xTxS)
+        out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs_BxKxGxTxS, self.v_LxBxKxSxH[layer].astype(dtype))
+        return out_BxTxKxGxH.reshape(q_BxTxNxH.shape)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty stacked KV cache holding `max_len` positions per row."""
     if max_len > cfg.max_seq_len and cfg.family == "gpt2":
         raise ValueError(f"cache length {max_len} exceeds GPT-2's {cfg.max_seq_len} learned positions")
-    B, K, H, S = batch, cfg.n_kv_head, cfg.head_dim, max_len
+    shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
     dtype = dtype or compute_dtype(cfg)
-    shapes = {"k": (B, K, S, H), "v": (B, K, H, S)}
-    if per_layer:
-        return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)] for name, shape in shapes.items()}
-    return {name: jnp.zeros((cfg.n_layer, *shape), dtype) for name, shape in shapes.items()}
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def cache_rows(cache: Cache, rows_B: jax.Array) -> Cache:
     """A cache whose row b is row `rows_B[b]` of `cache` (rows may repeat: n samples continuing one prompt)."""
-    if isinstance(cache["k"], list):
-        return jax.tree.map(lambda layer: layer[rows_B], cache)
-    return jax.tree.map(lambda stacked: stacked[:, rows_B], cache)
+    return cache.rows(rows_B)
 
 
 def cache_length(cache: Cache) -> int:
     """S, the positions a cache holds per row."""
-    return jax.tree.leaves(cache["k"])[0].shape[-2]
+    return cache.length
 
 
 def forward(
@@ -200,8 +235,9 @@ def forward(
     Without a cache: causal self-attention over `tokens_BxT`; `segment_ids_BxT`
     (packed documents) additionally stops attention across document boundaries.
     With a cache: the new keys/values are written at `positions_BxT` (contiguous
-    per row) and each query attends to every cache slot at or before its position,
-    so prefill and one-token decode are the same call.
+    per row, so a cache may write a row as one slice) and each query attends to
+    every cache slot at or before its position, so prefill and one-token decode are
+    the same call.
     """
     x_BxTxD, cache = hidden_states(
         cfg, params, tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT, cache=cache
@@ -219,6 +255,30 @@ def hidden_states(
     cache: Cache | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """The final-norm hidden states `forward` turns into logits (a sampler or reward head picks rows first)."""
+    x_BxTxD, context = embed(cfg, params, tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT,
+                             cache=cache)
+    layer = functools.partial(block, cfg, context)
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    # The whole cache rides in the carry and each layer writes its own slots: scanning
+    # over a stacked cache instead would copy every layer's cache in and out.
+    carry = (x_BxTxD, cache)
+    if cfg.scan_layers:
+        carry, _ = jax.lax.scan(layer, carry, (params["blocks"], jnp.arange(cfg.n_layer)))
+    else:
+        for i in range(cfg.n_layer):
+            carry, _ = layer(carry, (jax.tree.map(lambda a: a[i], params["blocks"]), i))
+    x_BxTxD, cache = carry
+    return final_norm(cfg, params, x_BxTxD), cache
+
+
+def embed(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
+          segment_ids_BxT: jax.Array | None = None, cache: Cache | None = None) -> tuple[jax.Array, dict]:
+    """The first block's input and the context every block reads (positions, RoPE tables, attention mask).
+
+    With `block` and `final_norm`, the pieces of `hidden_states` for a caller that
+    runs the layers in its own layout (generate.py's per-layer weights on CPU).
+    """
     B, T = tokens_BxT.shape
     dtype = compute_dtype(cfg)
     if positions_BxT is None:
@@ -235,34 +295,17 @@ def hidden_states(
 
     rope = _rope_tables(cfg, positions_BxT) if cfg.family == "llama" else None
     if cache is not None:
-        S = cache_length(cache)
         # A query at position p sees cache slots 0..p: earlier tokens, and itself once written.
-        mask_Bx1xTxS = (jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None])[:, None]
+        mask_Bx1xTxS = (jnp.arange(cache.length)[None, None, :] <= positions_BxT[:, :, None])[:, None]
     elif segment_ids_BxT is not None:
         mask_Bx1xTxS = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
     else:
         mask_Bx1xTxS = None
-    context = dict(positions_BxT=positions_BxT, rope=rope, mask_Bx1xTxS=mask_Bx1xTxS)
+    return x_BxTxD, dict(positions_BxT=positions_BxT, rope=rope, mask_Bx1xTxS=mask_Bx1xTxS)
 
-    block = functools.partial(_block, cfg, context)
-    if cfg.remat != "none":
-        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    # The whole cache rides in the carry and each layer writes its own slots: scanning
-    # over a stacked cache instead would copy every layer's cache in and out.
-    # Blocks given as a list of per-layer trees (the sampler's layout, generate.py) run
-    # unrolled and read each layer's weights in place; slicing a stacked layer out,
-    # in a scan or not, copies its weights at every call.
-    carry = (x_BxTxD, cache)
-    if isinstance(params["blocks"], (list, tuple)):
-        for i, layer_params in enumerate(params["blocks"]):
-            carry, _ = block(carry, (layer_params, i))
-    elif cfg.scan_layers:
-        carry, _ = jax.lax.scan(block, carry, (params["blocks"], jnp.arange(cfg.n_layer)))
-    else:
-        for i in range(cfg.n_layer):
-            carry, _ = block(carry, (jax.tree.map(lambda a: a[i], params["blocks"]), i))
-    x_BxTxD, cache = carry
-    return _norm(cfg, params["final_norm"], x_BxTxD), cache
+
+def final_norm(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array) -> jax.Array:
+    return _norm(cfg, params["final_norm"], x_BxTxD)
 
 
 def output_logits(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array) -> jax.Array:
@@ -283,8 +326,8 @@ _REMAT_POLICIES = {
 }
 
 
-def _block(cfg: ModelConfig, context: dict, carry: tuple, layer: tuple) -> tuple[tuple, None]:
-    """One pre-norm Transformer block; carry is (x, whole cache or None), layer is (its params, its index)."""
+def block(cfg: ModelConfig, context: dict, carry: tuple, layer: tuple) -> tuple[tuple, None]:
+    """One pre-norm Transformer block as a scan body: carry is (x, whole cache or None), layer is (params, index)."""
     x_BxTxD, cache = carry
     p, index = layer
     x_BxTxD = constrain(x_BxTxD, ("batch", "seq", None))
@@ -335,17 +378,8 @@ def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, c
             q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=context["mask_Bx1xTxS"], is_causal=True, implementation=impl
         )
     else:
-        # Write this layer's new keys/values at their positions, then attend over the layer's slots.
-        def write(slots, new_BxTxKxH, layout):  # slots: stacked [L, B, ...] or a list of L per-layer [B, ...]
-            layer_slots = _write_slots(slots[layer], new_BxTxKxH, context["positions_BxT"], layout)
-            if isinstance(slots, list):
-                return [*slots[:layer], layer_slots, *slots[layer + 1:]]
-            return slots.at[layer].set(layer_slots)
-
-        cache = {"k": write(cache["k"], k_BxTxKxH, "bksh"), "v": write(cache["v"], v_BxTxKxH, "bkhs")}
-        out_BxTxNxH = _cached_attention(
-            q_BxTxNxH, cache["k"][layer].astype(dtype), cache["v"][layer].astype(dtype), context["mask_Bx1xTxS"]
-        )
+        cache = cache.write(layer, k_BxTxKxH, v_BxTxKxH, context["positions_BxT"])
+        out_BxTxNxH = cache.attend(layer, q_BxTxNxH, context["mask_Bx1xTxS"])
     # Heads and head_dim merged into one contracting axis on both sides (a free reshape):
     # contracting over (n, h) as two axes made XLA:CPU transpose the [N, H, D] weight at every step.
     B, T, N, H = out_BxTxNxH.shape
@@ -355,31 +389,12 @@ def _attention(cfg: ModelConfig, context: dict, p: Params, h_BxTxD: jax.Array, c
     return out_BxTxD, cache
 
 
-def _write_slots(slots: jax.Array, new_BxTxKxH: jax.Array, positions_BxT: jax.Array, layout: str) -> jax.Array:
-    """One layer's keys ("bksh") or values ("bkhs") with each row's new tokens written at their positions.
+def attention_weights(q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, mask_Bx1xTxS: jax.Array) -> jax.Array:
+    """Grouped-query attention probabilities over one layer's cached keys, [B, K, G, T, S] with G = N / K.
 
-    A row's T tokens sit at consecutive positions (a prompt, a chunk of one, or one
-    decoded token), so each row is one in-place dynamic-update-slice at its first
-    position. A scatter at per-row positions made XLA:CPU transpose the whole cache
-    around it; blending the tokens in with a one-hot product costs B*T*S*K*H flops.
-    The caller keeps positions + T within the cache (dynamic-update-slice clamps).
-    """
-    B = positions_BxT.shape[0]
-    new = jnp.einsum(f"btkh->{layout.replace('s', 't')}", new_BxTxKxH.astype(slots.dtype))  # as the slots hold them
-
-    def write_row(b, slots):
-        start = [b if d == "b" else positions_BxT[b, 0] if d == "s" else 0 for d in layout]
-        return jax.lax.dynamic_update_slice(slots, jax.lax.dynamic_slice_in_dim(new, b, 1), start)
-
-    return jax.lax.fori_loop(0, B, write_row, slots, unroll=min(B, 8))
-
-
-def _cached_attention(
-    q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxHxS: jax.Array, mask_Bx1xTxS: jax.Array
-) -> jax.Array:
-    """Grouped-query attention over a cache layer as stored; the mask encodes causality.
-
-    Scores and softmax in float32, as in jax.nn.dot_product_attention's XLA path.
+    Scores and softmax in float32, as in jax.nn.dot_product_attention's XLA path; the
+    mask encodes causality. The product with the values is left to the cache, which
+    knows their layout.
     """
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxKxSxH.shape[1]
@@ -388,9 +403,7 @@ def _cached_attention(
         "btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32
     ) / math.sqrt(H)
     scores_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxKxGxTxS, -jnp.inf)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(q_BxTxNxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bkhs->btkgh", probs_BxKxGxTxS, v_BxKxHxS)
-    return out_BxTxKxGxH.reshape(B, T, N, H)
+    return jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(q_BxTxNxH.dtype)
 
 
 def _attention_impl(cfg: ModelConfig, dtype: jnp.dtype) -> str:

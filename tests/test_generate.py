@@ -47,6 +47,27 @@ def test_samples_of_a_prompt_share_its_prefill_and_each_stays_exact(layout, monk
             _recomputed_logits(params, prompt, sample)  # checks every log-probability
 
 
+def test_the_engines_cpu_cache_holds_and_attends_as_the_models_cache():
+    """64 rows of 3 tokens at scattered positions: per-row slices into per-layer [B, K, H, S] values, one scatter
+    into the model's stacked [L, B, K, S, H] ones; the same slots, rows and attention either way."""
+    B, T, S, layer = 64, 3, 32, 1
+    cfg, params = generate._sampling_layout(SMALL, model.init_params(SMALL, jax.random.key(0)))
+    ours, theirs = generate._empty_cache(cfg, params, B, S), model.init_cache(SMALL, B, S)
+    assert isinstance(ours, generate._LayerCache) and isinstance(theirs, model.KVCache)
+    keys = jax.random.split(jax.random.key(1), 3)
+    new_k, new_v = (jax.random.normal(k, (B, T, SMALL.n_kv_head, SMALL.head_dim)) for k in keys[:2])
+    positions = jnp.asarray(np.random.RandomState(0).randint(0, S - T + 1, B)[:, None] + np.arange(T))
+    write = jax.jit(lambda cache: cache.write(layer, new_k, new_v, positions))
+    ours, theirs = write(ours), write(theirs)
+    np.testing.assert_array_equal(ours.k[layer], theirs.k_LxBxKxSxH[layer])
+    np.testing.assert_array_equal(ours.v[layer], theirs.v_LxBxKxSxH[layer].transpose(0, 1, 3, 2))
+    rows = jnp.array([5, 5, 63, 0])
+    ours, theirs = model.cache_rows(ours, rows), model.cache_rows(theirs, rows)
+    q = jax.random.normal(keys[2], (len(rows), T, SMALL.n_head, SMALL.head_dim))
+    mask = (jnp.arange(S)[None, None, :] <= positions[rows][:, :, None])[:, None]
+    np.testing.assert_allclose(ours.attend(layer, q, mask), theirs.attend(layer, q, mask), atol=1e-6)
+
+
 def test_a_prompts_seen_tokens_penalise_only_its_own_samples():
     """Both prompts' model says `seen[0]` next; only the prompt containing it penalises it away, in all its samples."""
     seen, unseen = TOKENIZER.encode(" one two three"), TOKENIZER.encode(" red green blue")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import model
+from llm import generate, model
 from llm.config import ModelConfig, base_config, load_config, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,25 +51,40 @@ def test_full_size_forward_shape_checks_without_allocating():
     assert logits.shape == (2, 4096, 128_256) and logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
+def _model_decoder(cfg, params, batch, max_len):
+    """The model's own cache path (what training-time rollouts and evals use): `forward` over a stacked KVCache."""
+    return jax.jit(functools.partial(model.forward, cfg)), params, model.init_cache(cfg, batch, max_len)
+
+
+def _engine_cpu_decoder(cfg, params, batch, max_len):
+    """The sampling engine's CPU layout: per-layer blocks, an untied [D, V] head, its per-layer cache."""
+    cfg, params = generate._sampling_layout(cfg, params)
+    assert isinstance(params["blocks"], list)
+
+    def step(params, tokens_BxT, *, positions_BxT, cache):
+        x_BxTxD, cache = generate._hidden_states(cfg, params, tokens_BxT, positions_BxT, cache)
+        return model.output_logits(cfg, params, x_BxTxD), cache
+
+    return jax.jit(step), params, generate._empty_cache(cfg, params, batch, max_len)
+
+
+@pytest.mark.parametrize("layout", ["stacked_scan", "stacked_unrolled", "engine_cpu"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_kv_cache_decode_matches_full_forward_at_every_position(family, per_layer):
-    cfg = SMALL[family]
+def test_kv_cache_decode_matches_full_forward_at_every_position(family, layout):
+    cfg = dataclasses.replace(SMALL[family], scan_layers=layout != "stacked_unrolled")
     params = _random_params(cfg)
     B, T = 2, 20
     tokens = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
     full_logits, _ = model.forward(cfg, params, tokens)
-    if per_layer:  # the sampler's layout: a list of per-layer weights, a per-layer cache
-        params = {**params, "blocks": [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(cfg.n_layer)]}
+    decoder = _engine_cpu_decoder if layout == "engine_cpu" else _model_decoder
+    step, params, cache = decoder(cfg, params, B, max_len=32)
 
     # Rows start decoding at different positions; the prefill of the shorter row carries
     # padding past its prompt, which decode must overwrite before anything attends to it.
     prompt_lens = np.array([5, 9])
     prefill = np.array(tokens[:, : prompt_lens.max()])
     prefill[0, prompt_lens[0]:] = 0
-    cache = model.init_cache(cfg, B, max_len=32, per_layer=per_layer)
     positions = jnp.broadcast_to(jnp.arange(prefill.shape[1]), prefill.shape)
-    step = jax.jit(functools.partial(model.forward, cfg))
     logits, cache = step(params, prefill, positions_BxT=positions, cache=cache)
     for b in range(B):
         np.testing.assert_allclose(logits[b, : prompt_lens[b]], full_logits[b, : prompt_lens[b]], atol=1e-4)
@@ -77,12 +92,32 @@ def test_kv_cache_decode_matches_full_forward_at_every_position(family, per_laye
     # Copies of rows (n samples of a prompt) decode on from their prompt's cache.
     rows = np.array([1, 0, 1])
     cache = model.cache_rows(cache, rows)
+    assert model.cache_length(cache) == 32
     B, tokens, full_logits, prompt_lens = len(rows), tokens[rows], full_logits[rows], prompt_lens[rows]
     for offset in range(T - prompt_lens.max()):
         pos = prompt_lens + offset
         next_tokens = np.asarray(tokens)[np.arange(B), pos][:, None]
         logits, cache = step(params, next_tokens, positions_BxT=pos[:, None], cache=cache)
         np.testing.assert_allclose(logits[:, 0], full_logits[np.arange(B), pos], atol=1e-4)
+
+
+def test_one_batched_cache_write_equals_writing_rows_one_by_one():
+    """64 rows (a GRPO rollout batch) of 3 tokens each at scattered positions, in one `KVCache.write`."""
+    cfg = SMALL["llama"]
+    B, T, K, H, S = 64, 3, cfg.n_kv_head, cfg.head_dim, 32
+    keys = jax.random.split(jax.random.key(7), 4)
+    cache = model.KVCache(*(jax.random.normal(k, (cfg.n_layer, B, K, S, H)) for k in keys[:2]))
+    new_k, new_v = (jax.random.normal(k, (B, T, K, H)) for k in keys[2:])
+    starts = np.random.RandomState(0).randint(0, S - T + 1, B)
+    positions = starts[:, None] + np.arange(T)
+    written = jax.jit(lambda c, k, v, p: c.write(1, k, v, p))(cache, new_k, new_v, jnp.asarray(positions))
+    expected_k, expected_v = np.array(cache.k_LxBxKxSxH), np.array(cache.v_LxBxKxSxH)
+    for b in range(B):
+        for t in range(T):
+            expected_k[1, b, :, positions[b, t]] = new_k[b, t]
+            expected_v[1, b, :, positions[b, t]] = new_v[b, t]
+    np.testing.assert_array_equal(written.k_LxBxKxSxH, expected_k)
+    np.testing.assert_array_equal(written.v_LxBxKxSxH, expected_v)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
