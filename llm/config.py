@@ -24,6 +24,8 @@ FAMILIES = ("gpt2", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# ModelConfig fields that change how the model runs, never its parameters: a run may resume with others.
+EXECUTION_FIELDS = ("scan_layers", "remat", "dtype", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +140,10 @@ def base_config(model: str = "tiny", sharding: str = "fsdp") -> ml_collections.C
     rules = {axis: tuple(SHARDING_PRESETS[sharding].get(axis, ())) for axis in LOGICAL_AXES}
     config = ml_collections.ConfigDict(
         dict(
-            seed=0,
+            seed=0,  # parameter init, data order and every step's random key
+            # Start from released weights instead of a fresh init (params only, a new optimizer state): a release
+            # directory, a Hugging Face directory or hub id, or a training workdir (its newest checkpoint).
+            init_from="",
             model=model_fields,
             # Devices along each mesh axis; one -1 takes whatever the others leave.
             mesh=dict(data=-1, fsdp=1, tensor=1),

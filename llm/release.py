@@ -52,7 +52,8 @@ def load_release(directory: str, tokenizer: str | None = None, **model_overrides
     if not os.path.exists(config_path):
         if os.path.exists(os.path.join(directory, "config.json")):
             cfg, params = hf.load_hf(directory, **model_overrides)
-            return cfg, params, Tokenizer.load(tokenizer or ("gpt2" if cfg.family == "gpt2" else "o200k_base"))
+            found = tokenizer or _hf_tokenizer(directory, cfg)
+            return cfg, params, found if isinstance(found, Tokenizer) else Tokenizer.load(found)
         raise FileNotFoundError(f"{directory} holds neither a release (model_config.json) nor a Hugging Face config.json")
     with open(config_path) as f:
         fields = json.load(f)
@@ -70,6 +71,21 @@ def load_release(directory: str, tokenizer: str | None = None, **model_overrides
         leaves.append(jnp.asarray(flat[key]))
     params = jax.tree.unflatten(jax.tree.structure(expected), leaves)
     return cfg, params, Tokenizer.load(tokenizer or os.path.join(directory, "tokenizer.tiktoken"))
+
+
+def _hf_tokenizer(directory: str, cfg: ModelConfig) -> str | Tokenizer:
+    """The encoding of a Hugging Face directory: its tokenizer.json, GPT-2's own for a GPT-2 vocabulary, else an error."""
+    if os.path.exists(os.path.join(directory, "tokenizer.json")):
+        return hf_tokenizer.from_hf_directory(directory)
+    if cfg.family == "gpt2" and cfg.vocab_size in (50257, 50304):
+        return "gpt2"
+    found = [name for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+             if os.path.exists(os.path.join(directory, name))]
+    raise ValueError(
+        f"{directory}: no tokenizer this project can read for a {cfg.family} model with {cfg.vocab_size} ids "
+        f"(found {found or 'no tokenizer files'}; it reads tokenizer.tiktoken); pass the encoding explicitly, "
+        f"e.g. load_release(dir, tokenizer='path/to/file.tiktoken')"
+    )
 
 
 def _key(path) -> str:

@@ -146,6 +146,19 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fitted)))
 
 
+def gather_to_host(tree: Any) -> Any:
+    """Every array whole, as numpy, on every process (a collective: all processes must call it).
+
+    For what leaves the mesh (a release, the sampler's copy): parameters sharded
+    across processes have no process that holds them whole.
+    """
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a `[batch, seq, ...]` input array: batch split, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))

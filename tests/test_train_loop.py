@@ -1,4 +1,8 @@
-"""The pretraining loop end to end on the bundled sample: learning, kill -9 resume, the NaN guard."""
+"""The driver end to end with the pretraining stage on the bundled sample.
+
+Learning, kill -9 resume, refusing another run's checkpoints, init_from, the NaN
+guard, and two processes with parameters sharded across them.
+"""
 
 import json
 import math
@@ -14,7 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from llm.config import load_config
-from llm.train.loop import train
+from llm.release import load_release
+from llm.stages import pretrain
+from llm.train.losses import lm_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = [
@@ -33,21 +39,34 @@ def _losses(workdir):
         return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
-def test_tiny_run_learns_and_leaves_its_outputs(tmp_path):
-    summary = train(_config("--config.train.steps=40", "--config.train.eval_every=20"), str(tmp_path))
+def test_tiny_run_learns_leaves_its_outputs_and_starts_another_stage(tmp_path):
+    summary = pretrain.run(_config("--config.train.steps=40", "--config.train.eval_every=20"), str(tmp_path / "a"))
     # From the untrained model's uniform guess to the unigram statistics and beyond.
-    assert summary.val_bpb < 0.9 * summary.first_val_bpb, summary
+    assert summary.evals["val_bpb"] < 0.9 * summary.first_evals["val_bpb"], summary
     for name in ("metrics.jsonl", "loss.png", "report.md", "tokenizer.tiktoken", "release/model.safetensors",
                  "checkpoints/40"):
-        assert os.path.exists(tmp_path / name), name
-    assert [step for step, _ in _losses(tmp_path)] == list(range(1, 41))
+        assert os.path.exists(tmp_path / "a" / name), name
+    assert [step for step, _ in _losses(tmp_path / "a")] == list(range(1, 41))
+
+    # init_from a release, and from a training workdir (its newest checkpoint: the same params):
+    # the new run's first loss is the loss of those params on its first batch.
+    cfg, params, _ = load_release(str(tmp_path / "a" / "release"))
+    for source in ("a/release", "a"):
+        config = _config("--config.train.steps=1", "--config.train.eval_every=1000",
+                         f"--config.init_from={tmp_path / source}", "--config.seed=3")
+        first_batch = next(pretrain.build(config, str(tmp_path / "probe")).batches)
+        loss, count, _ = lm_loss(cfg, params, first_batch)
+        workdir = tmp_path / ("from_" + source.replace("/", "_"))
+        pretrain.run(config, str(workdir))
+        [(_, first_loss)] = _losses(workdir)
+        assert first_loss == pytest.approx(float(loss / count), rel=1e-5), source
 
 
-def _launch(workdir, steps):
+def _launch(workdir, steps, *overrides):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8", "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
             *SMALL_RUN, f"--config.train.steps={steps}", "--config.train.checkpoint_every=4",
-            "--config.train.eval_every=1000"]
+            "--config.train.eval_every=1000", *overrides]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -72,11 +91,29 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path)
     resumed_from = int(out.split("resumed from step ")[1].split()[0])
     assert resumed_from in (4, 8, 12) and resumed_from < logged_before_kill
     losses = _losses(tmp_path / "resumed")
-    # Every step logged before the kill, and every step replayed after it, has the loss the
-    # uninterrupted run had: bit-identical on CPU (same data order, same state).
+    # Every step has the loss the uninterrupted run had: bit-identical on CPU (same data
+    # order, same state), and is logged once (the replayed steps' old rows are dropped).
+    assert [step for step, _ in losses] == list(range(1, 17))
     for step, loss in losses:
         assert loss == expected[step], (step, loss, expected[step])
-    assert [step for step, _ in losses[logged_before_kill:]] == list(range(resumed_from + 1, 17))
+
+    # The same workdir with another model: refused before anything is written, every file untouched.
+    before = _snapshot(tmp_path / "resumed")
+    changed = _launch(tmp_path / "resumed", 16, "--config.model.n_layer=3")
+    out, err = changed.communicate(timeout=600)
+    assert changed.returncode != 0
+    assert "model.n_layer: 2 there, 3 here" in err and "Use a new --workdir" in err, err[-3000:]
+    assert _snapshot(tmp_path / "resumed") == before
+
+
+def _snapshot(directory):
+    """Every file under `directory` with its bytes."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                files[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return files
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -84,7 +121,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
                      "--config.optimizer.learning_rate=1e6", "--config.optimizer.grad_clip=0.0",
                      "--config.optimizer.warmup_steps=0")
     with pytest.raises(FloatingPointError, match=r"(loss is (nan|inf)|non-finite parameters) at step \d+; stopping"):
-        train(config, str(tmp_path))
+        pretrain.run(config, str(tmp_path))
     manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
     last = manager.latest_step()
     assert last is not None
@@ -96,9 +133,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 def _launch_processes(workdir, tokenizer, n_processes, devices_each, port, steps=6):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_each), "PYTHONUNBUFFERED": "1",
            "JAX_HEARTBEAT_TIMEOUT_SECONDS": "10"}
+    # Parameters FSDP-sharded over every device: with two processes, each holds only half of each.
     args = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
             *SMALL_RUN, f"--config.data.tokenizer={tokenizer}", f"--config.train.steps={steps}",
-            "--config.data.num_shards=2",
+            "--config.data.num_shards=2", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
             "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000"]
     procs = []
     for i in range(n_processes):
@@ -130,6 +168,12 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in two] == list(range(1, 7))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+    # The release gathered the sharded parameters whole, and it loads and samples.
+    cfg, params, tokenizer = load_release(str(tmp_path / "two" / "release"))
+    _, reference, _ = load_release(str(tmp_path / "one" / "release"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, reference)
+    [text] = pretrain.sample_texts(cfg, params, tokenizer, ["The"], 8)
+    assert text.startswith("The") and len(text) > 3
 
 
 def test_when_one_process_dies_the_other_exits_with_an_error(tmp_path):

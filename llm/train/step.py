@@ -1,83 +1,169 @@
-"""The pretraining step: a pure `(params, opt_state, batch, rng) -> (params, opt_state, metrics)`.
+"""One training step for every stage: `train_step(loss_fn, optimizer, params, opt_state, batch, rng)`.
 
-Batches carry a leading micro-batch axis, `inputs_AxBxT`, and the step scans over it
-accumulating *summed* losses and gradients; it divides by the total token count
-once at the end, so accumulation (and the mean over devices, which XLA inserts as
-a sum) is exact in tokens however the targets are masked.
+Batches carry a leading micro-batch axis (`inputs_AxBxT`, `chosen_AxBxT`, ...:
+whatever the stage's loss reads) and the step scans over it, adding each
+micro-batch's *summed* loss, normalizer, aux sums and gradients; it divides by
+the total normalizer once at the end, so accumulation (and the mean over devices,
+which XLA inserts as a sum) is exact in what the normalizer counts. Micro-batch i
+gets the key `fold_in(rng, i)`.
 
-Shape legend: A micro-batches per step, B batch, T sequence, V vocabulary.
+The state may be any tree of parameters with a matching tree of logical axes
+(`{"backbone": model params, "head": ...}` for a reward model). Subtrees named in
+`frozen` ("backbone", or a path like "backbone/embed") are not differentiated, keep
+no optimizer state and come out of the step bit-identical; the optimizer sees the
+trainable rest only (`split_frozen`).
+
+Shape legend: A micro-batches per step, B batch, T sequence.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm import model, sharding
-from llm.config import ModelConfig
+from llm import sharding
 
 Batch = Mapping[str, jax.Array]
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, jax.Array, dict]]
 
 
-def lm_loss(cfg: ModelConfig, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
-    """(summed next-token cross-entropy, number of target tokens, aux) of one micro-batch.
+# ----------------------------------------------------------------------------- frozen subtrees
 
-    `batch`: `inputs_BxT`, `targets_BxT`, and optionally `loss_mask_BxT` (SFT trains on
-    assistant tokens only), `positions_BxT` and `segment_ids_BxT` (packed documents).
-    """
-    logits_BxTxV, _ = model.forward(
-        cfg, params, batch["inputs"], positions_BxT=batch.get("positions"), segment_ids_BxT=batch.get("segment_ids")
-    )
-    nll_BxT = optax.losses.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
-    weights_BxT = batch.get("loss_mask", jnp.ones_like(nll_BxT)).astype(jnp.float32)
-    return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT), {}
+
+def split_frozen(tree: Any, frozen: Sequence[str]) -> tuple[Any, Any]:
+    """(trainable, frozen) halves of a nested-dict tree; `frozen` names subtrees by "/"-separated paths."""
+    trainable, fixed = tree, {}
+    for path in frozen:
+        trainable, part = _pop(trainable, path.split("/"), path)
+        fixed = _merge(fixed, part)
+    return trainable, fixed
+
+
+def _pop(tree: Any, keys: list[str], path: str) -> tuple[dict, dict]:
+    """(tree without the subtree at `keys`, that subtree under its keys)."""
+    if not isinstance(tree, Mapping) or keys[0] not in tree:
+        where = f"keys there: {sorted(tree)}" if isinstance(tree, Mapping) else "not a dict there"
+        raise ValueError(f"frozen path {path!r}: no {keys[0]!r} in the tree ({where})")
+    rest = dict(tree)
+    if len(keys) == 1:
+        return rest, {keys[0]: rest.pop(keys[0])}
+    rest[keys[0]], part = _pop(tree[keys[0]], keys[1:], path)
+    return rest, {keys[0]: part}
+
+
+def merge_frozen(trainable: Any, fixed: Any) -> Any:
+    """The whole tree again from `split_frozen`'s halves."""
+    return _merge(trainable, fixed)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if key in out else value
+    return out
+
+
+# ----------------------------------------------------------------------------- the step
 
 
 def train_step(
-    cfg: ModelConfig, optimizer: optax.GradientTransformation, params: Any, opt_state: Any, batch: Batch, rng: jax.Array
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    frozen: Sequence[str] = (),
 ) -> tuple[Any, Any, dict[str, jax.Array]]:
-    """One optimizer step over `A` accumulated micro-batches (`batch` leaves are `[A, B, T]`)."""
-    del rng  # no dropout; kept so every step (SFT, GRPO, reward model) has one signature
-    grad_fn = jax.grad(lambda p, mb: _with_aux(lm_loss(cfg, p, mb)), has_aux=True)
+    """One optimizer step over the `A` micro-batches of `batch` (every leaf leads with A).
 
-    def accumulate(carry, microbatch):
-        grads_sum, loss_sum, count = carry
-        grads, (loss, tokens) = grad_fn(params, microbatch)
-        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count + tokens), None
+    Metrics: `loss` (summed loss / normalizer), `normalizer` (its total), `grad_norm`,
+    each aux entry summed over micro-batches, and `params_finite`, which the driver
+    checks before it checkpoints: a finite loss alone does not prove the update was.
+    """
+    trainable, fixed = split_frozen(params, frozen)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads_sum, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
-    denominator = jnp.maximum(count, 1.0)
+    def summed_loss(trainable, microbatch, key):
+        loss, normalizer, aux = loss_fn(merge_frozen(trainable, fixed), microbatch, key)
+        return loss, (loss, normalizer, aux)
+
+    grad_fn = jax.grad(summed_loss, has_aux=True)
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+
+    def accumulate(carry, indexed):
+        index, microbatch = indexed
+        grads, sums = grad_fn(trainable, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(
+        lambda x: jnp.zeros(x.shape, x.dtype),
+        jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], batch), rng),
+    )
+    (grads_sum, (loss_sum, normalizer, aux_sums)), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(n_micro), batch)
+    )
+    # Nothing to learn from anywhere in the batch: loss 0 and gradient 0, not 0 / 0.
+    denominator = jnp.where(normalizer > 0, normalizer, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads_sum)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    # Checked by the loop before it checkpoints: a finite loss alone does not prove this update was.
-    params_finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
-    metrics = {"loss": loss_sum / denominator, "tokens": count, "grad_norm": optax.tree.norm(grads),
-               "params_finite": params_finite.astype(jnp.float32)}
-    return params, opt_state, metrics
-
-
-def _with_aux(loss_count_aux):
-    """Summed loss as the differentiated value; (loss, count) ride along as aux."""
-    loss, count, _ = loss_count_aux
-    return loss, (loss, count)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    params_finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(trainable)]))
+    metrics = {"loss": loss_sum / denominator, "normalizer": normalizer, "grad_norm": optax.tree.norm(grads),
+               "params_finite": params_finite.astype(jnp.float32), **aux_sums}
+    return merge_frozen(trainable, fixed), opt_state, metrics
 
 
 # ----------------------------------------------------------------------------- sharded state and jit
 
 
-def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules) -> tuple[Any, Any]:
-    """(param shardings, optimizer-state shardings): moments follow their parameter, counters replicate."""
-    abstract_params = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(0))
-    param_sh = sharding.param_shardings(model.param_axes(cfg), abstract_params, mesh, rules)
-    abstract_state = jax.eval_shape(optimizer.init, abstract_params)
-    return param_sh, _follow_params(abstract_state, abstract_params, param_sh, NamedSharding(mesh, PartitionSpec()))
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Where a stage's training state lives: shapes and shardings of its params, optimizer state and batches.
+
+    Built from the tree of logical axes and abstract params, never from the model,
+    so any tree (a backbone and a head, a frozen part) shards the same way.
+    """
+
+    mesh: Mesh
+    rules: Mapping[str, Sequence[str]]
+    frozen: tuple[str, ...]
+    abstract_params: Any
+    abstract_opt_state: Any
+    param_shardings: Any
+    opt_shardings: Any
+
+    @classmethod
+    def create(cls, axes: Any, abstract_params: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
+               rules: Mapping[str, Sequence[str]], frozen: Sequence[str] = ()) -> "StateLayout":
+        param_sh = sharding.param_shardings(axes, abstract_params, mesh, rules)
+        trainable, _ = split_frozen(abstract_params, frozen)
+        trainable_sh, _ = split_frozen(param_sh, frozen)
+        abstract_state = jax.eval_shape(optimizer.init, trainable)
+        opt_sh = _follow_params(abstract_state, trainable, trainable_sh, NamedSharding(mesh, PartitionSpec()))
+        return cls(mesh, dict(rules), tuple(frozen), abstract_params, abstract_state, param_sh, opt_sh)
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """[A, B, ...] batch leaves: micro-batches whole on every device, each split along `batch`."""
+        return NamedSharding(self.mesh, sharding.logical_to_spec((None, "batch"), self.rules))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def abstract(self) -> tuple[Any, Any]:
+        """(params, optimizer state) as sharded `ShapeDtypeStruct`s: what a checkpoint restores into."""
+        def with_sharding(x, s):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+        return (jax.tree.map(with_sharding, self.abstract_params, self.param_shardings),
+                jax.tree.map(with_sharding, self.abstract_opt_state, self.opt_shardings))
 
 
 def _follow_params(abstract_state, abstract_params, param_sh, replicated):
@@ -105,31 +191,39 @@ def _follow_params(abstract_state, abstract_params, param_sh, replicated):
     return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
 
-def init_train_state(cfg: ModelConfig, optimizer, mesh: Mesh, rules, rng: jax.Array) -> tuple[Any, Any]:
-    """Params and optimizer state created sharded, under jit, never whole on one device."""
-    param_sh, opt_sh = state_shardings(cfg, optimizer, mesh, rules)
-
+def init_train_state(init_fn: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
+                     layout: StateLayout, rng: jax.Array) -> tuple[Any, Any]:
+    """Params (`init_fn(rng)`) and optimizer state created sharded, under jit, never whole on one device."""
     def init(key):
-        params = model.init_params(cfg, key)
-        return params, optimizer.init(params)
+        params = init_fn(key)
+        return params, optimizer.init(split_frozen(params, layout.frozen)[0])
 
-    return jax.jit(init, out_shardings=(param_sh, opt_sh))(rng)
+    return jax.jit(init, out_shardings=(layout.param_shardings, layout.opt_shardings))(rng)
 
 
-def jit_train_step(cfg: ModelConfig, optimizer, mesh: Mesh, rules):
+def place_params(host_params: Any, layout: StateLayout) -> Any:
+    """Host (numpy) params as sharded global arrays: each process places only its own devices' shards."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        host_params, layout.param_shardings,
+    )
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: Any, layout: StateLayout) -> Any:
+    """A fresh optimizer state for (already placed) params, e.g. a stage started from released weights."""
+    return jax.jit(lambda p: optimizer.init(split_frozen(p, layout.frozen)[0]),
+                   out_shardings=layout.opt_shardings)(params)
+
+
+def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, layout: StateLayout):
     """`train_step` compiled with explicit shardings; params and optimizer state are donated."""
-    param_sh, opt_sh = state_shardings(cfg, optimizer, mesh, rules)
-    # [A, B, T]: micro-batches stay whole on every device, each micro-batch is split by `batch`.
-    batch_sh = NamedSharding(mesh, sharding.logical_to_spec((None, "batch", None), rules))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
     def step(params, opt_state, batch, rng):
-        with sharding.use_rules(mesh, rules):
-            return train_step(cfg, optimizer, params, opt_state, batch, rng)
+        with sharding.use_rules(layout.mesh, layout.rules):
+            return train_step(loss_fn, optimizer, params, opt_state, batch, rng, frozen=layout.frozen)
 
     return jax.jit(
         step,
-        in_shardings=(param_sh, opt_sh, batch_sh, replicated),
-        out_shardings=(param_sh, opt_sh, replicated),
+        in_shardings=(layout.param_shardings, layout.opt_shardings, layout.batch_sharding, layout.replicated),
+        out_shardings=(layout.param_shardings, layout.opt_shardings, layout.replicated),
         donate_argnums=(0, 1),
     )
