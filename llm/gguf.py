@@ -95,23 +95,19 @@ def resolve_gguf(source: str, revision: str | None = None) -> str:
     if ":" in repo:
         repo, quant = repo.split(":", 1)
     try:
-        if filename is None:
-            files = [f for f in huggingface_hub.list_repo_files(repo, revision=revision) if f.endswith(".gguf")]
-            chosen = [f for f in files if quant is None or quant.lower() in os.path.basename(f).lower()]
-            if len(chosen) != 1:
-                raise FileNotFoundError(
-                    f"hub repo {repo} has {len(chosen)} GGUF files{f' matching {quant!r}' if quant else ''} "
-                    f"({files[:10]}): name one as {repo}/FILE.gguf or {repo}:QUANT"
-                )
-            filename = chosen[0]
-        return huggingface_hub.hf_hub_download(repo, filename, revision=revision)
-    except FileNotFoundError:
-        raise
+        files = [] if filename else [f for f in huggingface_hub.list_repo_files(repo, revision=revision)
+                                     if f.endswith(".gguf")]
+        chosen = [filename] if filename else [
+            f for f in files if quant is None or quant.lower() in os.path.basename(f).lower()]
+        if len(chosen) == 1:
+            return huggingface_hub.hf_hub_download(repo, chosen[0], revision=revision)
     except Exception as e:  # offline, unknown repo, gated model: say which and why
         raise RuntimeError(
             f"could not fetch {source!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Offline? Pass a local .gguf file instead."
         ) from e
+    raise FileNotFoundError(f"hub repo {repo} has {len(chosen)} GGUF files{f' matching {quant!r}' if quant else ''} "
+                            f"({files[:10]}): name one as {repo}/FILE.gguf or {repo}:QUANT")
 
 
 def is_gguf(source: str) -> bool:
@@ -293,6 +289,11 @@ def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict
     for name, tensor in tensors.items():
         if name == "rope_freqs.weight":
             continue  # read into the config
+        if cfg.family == "gpt2" and name == "output.weight":
+            # GPT-2 ties its head to token_embd; llama.cpp's converter stores a copy.
+            if not np.array_equal(_dequantize(path, tensor), _dequantize(path, tensors["token_embd.weight"])):
+                raise GGUFError(f"{path}: tensor output.weight differs from token_embd.weight; untied GPT-2 is not supported")
+            continue
         match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
         base = match.group(2) if match else name
         if base not in to_hf:
@@ -302,8 +303,6 @@ def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict
             w = _unpermute(w, cfg.n_head if base == "attn_q.weight" else cfg.n_kv_head)
         if cfg.family == "gpt2" and base in _GPT2_TRANSPOSED:
             w = w.T
-        if cfg.family == "gpt2" and name == "output.weight":
-            continue  # GPT-2 ties its head to token_embd; llama.cpp's converter stores a copy
         hf_name = to_hf[base]
         if hf_name == "lm_head.weight":
             out[hf_name] = w
