@@ -300,8 +300,8 @@ def _write_rows(slots: jax.Array, new: jax.Array, start_B: jax.Array, axis: int)
 
     A row's tokens sit at consecutive positions (a prompt, a chunk of one, or one
     decoded token), so each row is one in-place dynamic-update-slice. A scatter at
-    per-row positions (the model's `KVCache.write`) made XLA:CPU transpose the whole
-    cache around it; blending the tokens in with a one-hot product costs B*T*S*K*H
+    per-row positions, as the model's `KVCache.write` does, made XLA:CPU transpose
+    the whole cache around it when the engine used one (BENCHMARKS.md); blending the tokens in with a one-hot product costs B*T*S*K*H
     flops. The caller keeps positions + T within the cache (dynamic-update-slice clamps).
     """
     new = new.astype(slots.dtype)
