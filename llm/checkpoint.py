@@ -57,13 +57,12 @@ class Checkpointer:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.check_for_errors()
+        self.wait()  # orbax finishes the previous write before it starts this one anyway; this also checks it
         if not self.manager.save(step, args=ocp.args.Composite(**items), force=True):
-            raise RuntimeError(f"checkpoint step {step} was not written to {self.manager.directory} "
-                               f"(does the step exist already?)")
+            raise RuntimeError(f"checkpoint step {step} was not written to {self.manager.directory}")
 
     def wait(self) -> None:
-        """Blocks until the last write is on disk; raises if it failed."""
+        """Blocks until the last write is finished; raises if it failed."""
         self.manager.wait_until_finished()
         self.manager.check_for_errors()
 

@@ -81,6 +81,15 @@ def test_when_every_step_is_damaged_restore_refuses_to_start_over(tmp_path):
     checkpointer.close()
 
 
+def test_saving_a_step_twice_is_an_error(tmp_path):
+    config, params, opt_state, _ = _setup()
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(2, params, opt_state, config=config, tokenizer=Tokenizer.load("gpt2"))
+    with pytest.raises(Exception, match="step 2 already exists"):
+        checkpointer.save(2, params, opt_state, config=config, tokenizer=Tokenizer.load("gpt2"))
+    checkpointer.close()
+
+
 def test_params_alone_restore_from_a_whole_training_step(tmp_path):
     config, params, opt_state, (abstract_params, _) = _setup()
     checkpointer = Checkpointer(tmp_path)

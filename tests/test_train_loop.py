@@ -137,6 +137,7 @@ def _launch_processes(workdir, tokenizer, n_processes, devices_each, port, steps
     args = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
             *SMALL_RUN, f"--config.data.tokenizer={tokenizer}", f"--config.train.steps={steps}",
             "--config.data.num_shards=2", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+            f"--config.train.sample_every={steps}", "--config.train.sample_tokens=4",
             "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000"]
     procs = []
     for i in range(n_processes):
@@ -163,8 +164,10 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     [single] = _launch_processes(tmp_path / "one", tokenizer_path, 1, 8, None)
     assert single.wait(timeout=600) == 0, single.stderr.read()[-3000:]
     pair = _launch_processes(tmp_path / "two", tokenizer_path, 2, 4, portpicker.pick_unused_port())
-    for proc in pair:
-        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    outputs = [proc.communicate(timeout=600) for proc in pair]
+    for proc, (_, err) in zip(pair, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    assert "| sample | 'The" in outputs[0][0]  # samples from parameters gathered across the processes
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in two] == list(range(1, 7))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
