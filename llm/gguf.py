@@ -28,6 +28,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm import hf, hf_tokenizer
@@ -145,8 +147,6 @@ def metadata(reader) -> dict[str, Any]:
 
 def load_gguf(source: str, *, tokenizer: str | None = None, **model_overrides: Any) -> tuple[ModelConfig, dict, Tokenizer]:
     """Our `(ModelConfig, params, Tokenizer)` of a GGUF file or hub id; `model_overrides` set execution fields."""
-    import jax.numpy as jnp
-
     path = resolve_gguf(source)
     reader = read(path)
     meta = metadata(reader)
@@ -159,8 +159,6 @@ def load_gguf(source: str, *, tokenizer: str | None = None, **model_overrides: A
     tok = Tokenizer.load(tokenizer) if tokenizer else read_tokenizer(path, reader)
     if tok.n_vocab > cfg.vocab_size:
         raise GGUFError(f"{path}: the tokenizer has {tok.n_vocab} ids but token_embd.weight only {cfg.vocab_size} rows")
-    import jax
-
     return cfg, jax.tree.map(jnp.asarray, params), tok
 
 

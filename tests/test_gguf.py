@@ -27,7 +27,7 @@ from llm import gguf, hf, hf_tokenizer, model
 from llm.generate import Engine, SamplingParams
 from llm.release import load_release, save_release
 from llm.tokenizer import OUR_CHAT, ChatTemplate, Tokenizer, read_texts, train_bpe
-from tests.hf_models import randomize
+from hf_models import randomize
 
 gguf_lib = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
@@ -464,6 +464,8 @@ def test_llama_cpp_runs_our_exports(tiny_tok, tmp_path):
         path = tmp_path / f"m.{dtype}.gguf"
         gguf.save_gguf(str(path), cfg, params, tiny_tok, dtype=dtype)
         llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, logits_all=True, n_threads=2)
+        for text in HARD_TEXTS[:7]:  # llama.cpp tokenizes with the exported vocabulary, merges and pre-tokenizer
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tiny_tok.encode(text), text
         llm.eval(prompt)
         theirs_logits = np.array(llm.eval_logits)  # one row per prompt position
         exact = _logits(cfg, params, PROMPT)[0]
