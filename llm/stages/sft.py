@@ -1,0 +1,225 @@
+"""Supervised fine-tuning: the language-model loss on conversations, on the assistant's tokens only.
+
+    python -m launch.sft --config configs/sft_tiny.py --workdir runs/sft
+
+What is the stage's own: the conversation mixture (`config.data.sources`, each
+`{kind, path, epochs, ...}`; see `llm/data/conversations.py`), rendered in the
+model's chat format and packed without splitting a conversation
+(`llm/data/chat_pipeline.py`); validation loss per source on held-out
+conversations (assistant tokens only); greedy chat figures on held-out prompts
+(replies that end their turn, held-out identity paraphrases that name the
+assistant, well-formed calculator calls on held-out GSM8K questions); greedy chat
+samples. The loss is `lm_loss` with the rendered mask; steps, logs, checkpoints,
+resume and the release (which `launch.chat` opens) are `llm.train.loop`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llm import model, sharding
+from llm.config import model_config
+from llm.data import chat_pipeline as cp
+from llm.data import conversations as conv
+from llm.data.pipeline import HostBatches
+from llm.generate import Engine, SamplingParams
+from llm.tokenizer import Tokenizer, tool_tokens
+from llm.tools import Calculator
+from llm.train import loop
+from llm.train.losses import lm_loss
+
+NAME = "sft"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
+    """Runs (or resumes) supervised fine-tuning as configured."""
+    return loop.run(NAME, build, config, workdir)
+
+
+def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
+                 ) -> tuple[dict[str, list], dict[str, list], dict[str, float], list[str], list[str]]:
+    """(train and validation conversations per source, epochs per source, held-out identity questions, log lines)."""
+    train, val, epochs, questions, lines = {}, {}, {}, [], []
+    for name, spec in dc.sources.items():
+        options = {k: v for k, v in spec.items() if k not in ("kind", "path", "epochs")}
+        if spec.kind == "identity":
+            found, questions = conv.identity(conv.IdentitySpec(**dc.identity.to_dict()), held_out=dc.identity_held_out,
+                                             seed=options.get("seed", 0))
+        else:
+            found = conv.open_conversations(spec.kind, spec.get("path", ""), **options)
+        train[name], val[name] = cp.split_keys(found.items, val_fraction)
+        epochs[name] = float(spec.epochs)
+        lines.append(f"{name} ({spec.kind}): {found.describe()}")
+    return train, val, epochs, questions, lines
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+    dc, tc = config.data, config.train
+    if config.init_from:
+        cfg, initial_params, tokenizer = loop.load_init_from(config)
+    else:  # a fresh model (tests, or a chat model trained from scratch)
+        cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(dc.tokenizer)
+    if tokenizer.chat_template is None or tokenizer.end_of_turn >= cfg.vocab_size:
+        # Adding embedding rows for missing chat tokens is not implemented yet (issue 17).
+        raise ValueError(f"{tokenizer.name}: the model has no embedding rows for its chat tokens "
+                         f"(vocab {cfg.vocab_size}); fine-tune a model whose tokenizer already has them")
+    if dc.batch_size % tc.grad_accum:
+        raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
+    micro_batch = dc.batch_size // tc.grad_accum
+    width = dc.seq_len + 1
+
+    train_mix, val_mix, epochs, identity_questions, lines = load_mixture(dc, dc.val_fraction)
+    train, val = cp.render(train_mix, tokenizer, width), cp.render(val_mix, tokenizer, width)
+    indices = cp.epoch_indices(train, epochs, config.seed)
+    described = (f"{len(indices)} conversations per mixture epoch; train: {train.describe()}; "
+                 f"validation: {val.describe()}; sequence {dc.seq_len}, batch {dc.batch_size}")
+    if jax.process_index() == 0:
+        print("sft data:\n  " + "\n  ".join(lines) + "\n  " + described)
+
+    num_shards = dc.num_shards or jax.process_count()
+    batches = HostBatches(
+        lambda i, n: cp.make_chat_pipeline(train, indices, seq_len=dc.seq_len, batch_size=micro_batch,
+                                           seed=config.seed, pack_window=dc.pack_window, process_index=i,
+                                           process_count=n),
+        num_shards, jax.process_index(), jax.process_count())
+
+    mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
+    eval_fn = jax.jit(lambda params, batch: _eval_sums(cfg, params, batch, mesh, rules),
+                      out_shardings=NamedSharding(mesh, PartitionSpec()))
+    prompts = chat_prompts(config, identity_questions, val)
+
+    def evaluate(params) -> dict[str, float]:
+        figures = validation_losses(eval_fn, params, val, width, micro_batch, mesh, rules)
+        if tc.chat_eval:
+            host = sharding.gather_to_host(params)
+            figures |= chat_figures(cfg, host, tokenizer, prompts, dc.identity.name, tc.chat_eval_tokens)
+        return figures
+
+    return loop.Stage(
+        cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
+        init_params=functools.partial(model.init_params, cfg), loss_fn=functools.partial(lm_loss, cfg),
+        batches=batches, initial_params=initial_params,
+        tokens_per_step=dc.batch_size * dc.seq_len, flops_per_token=model.flops_per_token(cfg, dc.seq_len),
+        evaluate=evaluate,
+        sample=lambda params: chat_samples(cfg, params, tokenizer, list(tc.sample_prompts), tc.sample_tokens),
+        describe=described,
+    )
+
+
+def _eval_sums(cfg, params, batch, mesh, rules):
+    with sharding.use_rules(mesh, rules):
+        loss_sum, count, _ = lm_loss(cfg, params, batch)
+    return loss_sum, count
+
+
+def validation_losses(eval_fn, params, val: cp.Rendered, width: int, micro_batch: int, mesh, rules
+                      ) -> dict[str, float]:
+    """Loss per assistant token on each source's held-out conversations (`val_loss/<source>`) and over all (`val_loss`).
+
+    Each process evaluates its slice of the same rows, padded to the same number of
+    batches with rows that train nothing, so the collectives line up.
+    """
+    figures, total_sum, total_count = {}, 0.0, 0.0
+    placement = sharding.batch_sharding(mesh, rules)
+    local = micro_batch // jax.process_count()
+    for name in dict.fromkeys(val.sources):
+        rows = cp.pack(val, val.of(name), width)
+        n_batches = -(-len(rows) // micro_batch)
+        mine = rows[jax.process_index()::jax.process_count()]
+        batches = cp.padded_batches(mine, local)
+        empty = {k: np.zeros_like(v) for k, v in (batches[0] if batches else cp.batch_spec(width - 1, local)).items()}
+        batches += [empty] * (n_batches - len(batches))
+        loss_sum = count = 0.0
+        for batch in batches:
+            batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(placement, x), batch)
+            s, c = jax.device_get(eval_fn(params, batch))
+            loss_sum, count = loss_sum + float(s), count + float(c)
+        if count:
+            figures[f"val_loss/{name}"] = loss_sum / count
+        total_sum, total_count = total_sum + loss_sum, total_count + count
+    if total_count:
+        figures["val_loss"] = total_sum / total_count
+    return figures
+
+
+# ----------------------------------------------------------------------------- greedy chat
+
+
+def chat_prompts(config: ml_collections.ConfigDict, identity_questions: list[str], val: cp.Rendered
+                 ) -> dict[str, list]:
+    """The held-out prompts of the chat figures: identity paraphrases and GSM8K test questions."""
+    tc = config.train
+    gsm8k = []
+    if tc.chat_eval_gsm8k:
+        with open(tc.chat_eval_gsm8k) as f:
+            records = [json.loads(line) for line, _ in zip(f, range(tc.chat_eval_questions))]
+        gsm8k = [(r["question"], conv.gsm8k_answer(r["answer"])) for r in records]
+    return {"identity": identity_questions[:tc.chat_eval_questions], "gsm8k": gsm8k}
+
+
+def _greedy(cfg, host_params, tokenizer: Tokenizer, user_messages: list[str], max_new_tokens: int):
+    tools = {"python": Calculator()} if tokenizer.has_tool("python") else {}
+    engine = Engine(cfg, jax.device_put(host_params, jax.local_devices()[0]), tokenizer, tools=tools)
+    limit = cfg.max_seq_len - max_new_tokens - 1
+    prompts = [tokenizer.render_for_completion([{"role": "user", "content": m}])[-limit:] for m in user_messages]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                              stop_token_ids=tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot))))
+    return [s for [s] in engine.generate(prompts, sampling)] if prompts else []
+
+
+def chat_figures(cfg, host_params, tokenizer: Tokenizer, prompts: dict[str, list], name: str, max_new_tokens: int
+                 ) -> dict[str, float]:
+    """Greedy replies to held-out prompts, measured.
+
+    - `chat/end_of_turn`: share of replies that end with the end-of-turn token within `max_new_tokens`;
+    - `chat/identity_named`: share of held-out identity paraphrases whose reply names the assistant;
+    - `chat/calc_wellformed`: share of GSM8K replies with at least one calculator call, every call
+      closed and evaluable by the `Calculator`; `chat/gsm8k_correct`: the `#### answer` equals the gold one.
+    """
+    identity, gsm8k = prompts["identity"], prompts["gsm8k"]
+    samples = _greedy(cfg, host_params, tokenizer, identity + [q for q, _ in gsm8k], max_new_tokens)
+    if not samples:
+        return {}
+    ended = [s.tokens[-1:] == [tokenizer.end_of_turn] for s in samples]
+    figures = {"chat/end_of_turn": float(np.mean(ended))}
+    if identity:
+        named = [name.lower() in s.text.lower() for s in samples[:len(identity)]]
+        figures["chat/identity_named"] = float(np.mean(named))
+    if gsm8k:
+        replies = samples[len(identity):]
+        figures["chat/calc_wellformed"] = float(np.mean([_calls_wellformed(s.tokens, tokenizer) for s in replies]))
+        figures["chat/gsm8k_correct"] = float(np.mean(
+            [conv.gsm8k_answer(s.text) == gold for s, (_, gold) in zip(replies, gsm8k)]))
+    return figures
+
+
+def _calls_wellformed(tokens: list[int], tokenizer: Tokenizer) -> bool:
+    """At least one calculator call, each closed by its end token and evaluable."""
+    if not tokenizer.has_tool("python"):
+        return False
+    start, end, _, _ = (tokenizer.token_id(t) for t in tool_tokens("python"))
+    calls, i = 0, 0
+    while start in tokens[i:]:
+        i = tokens.index(start, i) + 1
+        if end not in tokens[i:]:
+            return False
+        j = tokens.index(end, i)
+        try:
+            Calculator().evaluate(tokenizer.decode(tokens[i:j]))
+        except (ValueError, ArithmeticError):
+            return False
+        calls, i = calls + 1, j + 1
+    return calls > 0
+
+
+def chat_samples(cfg, host_params, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies to fixed user messages, for the log."""
+    samples = _greedy(cfg, host_params, tokenizer, prompts, max_new_tokens)
+    return [f"{p} -> " + re.sub(r"\s+", " ", s.text) for p, s in zip(prompts, samples)]
