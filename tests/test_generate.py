@@ -34,6 +34,19 @@ def test_greedy_with_cache_equals_argmax_of_full_recomputation(n_prompts):
         assert sample.finish_reason == "length" and len(sample.tokens) == 12
 
 
+def test_a_call_s_seed_repeats_its_rollouts_exactly_and_another_seed_differs():
+    params = model.init_params(SMALL, jax.random.key(0))
+    engine = Engine(SMALL, params)
+
+    def rollouts(seed):
+        groups = engine.generate([[5, 17, 3], [9, 1]], SamplingParams(max_new_tokens=12, n=4, seed=seed))
+        return [sample.tokens for group in groups for sample in group]
+
+    first = rollouts(11)
+    assert rollouts(11) == first
+    assert rollouts(12) != first
+
+
 @pytest.mark.parametrize("layout", ["per_layer", "stacked"])  # stacked: the accelerators' layout, run on CPU
 def test_samples_of_a_prompt_share_its_prefill_and_each_stays_exact(layout, monkeypatch):
     if layout == "stacked":
