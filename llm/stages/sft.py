@@ -15,6 +15,7 @@ resume and the release (which `launch.chat` opens) are `llm.train.loop`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -66,10 +67,15 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         cfg, initial_params, tokenizer = loop.load_init_from(config)
     else:  # a fresh model (tests, or a chat model trained from scratch)
         cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(dc.tokenizer)
-    if tokenizer.chat_template is None or tokenizer.end_of_turn >= cfg.vocab_size:
-        # Adding embedding rows for missing chat tokens is not implemented yet (issue 17).
-        raise ValueError(f"{tokenizer.name}: the model has no embedding rows for its chat tokens "
-                         f"(vocab {cfg.vocab_size}); fine-tune a model whose tokenizer already has them")
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
+    if tokenizer.n_vocab > cfg.vocab_size:
+        if initial_params is None:
+            raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids but model.vocab_size is "
+                             f"{cfg.vocab_size}; set --config.model.vocab_size={tokenizer.n_vocab} or larger")
+        print(f"adding {tokenizer.n_vocab - cfg.vocab_size} token rows (chat and tool tokens) to the "
+              f"{cfg.vocab_size}-row embedding, each the mean of the existing rows")
+        cfg, initial_params = add_vocab_rows(cfg, initial_params, tokenizer.n_vocab)
     if dc.batch_size % tc.grad_accum:
         raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
     micro_batch = dc.batch_size // tc.grad_accum
@@ -111,6 +117,31 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         sample=lambda params: chat_samples(cfg, params, tokenizer, list(tc.sample_prompts), tc.sample_tokens),
         describe=described,
     )
+
+
+def add_vocab_rows(cfg, params, n_vocab: int):
+    """(config, params) with every `vocab` axis grown to `n_vocab`; a new row is the mean of the existing ones.
+
+    For control tokens a base model never saw (the chat and tool tokens of a
+    released model whose embedding stops before them). Mean initialisation
+    (Hewitt, "Initializing New Word Embeddings for Pretrained Language Models",
+    2021): a new token's logit starts at the average logit, far below the likely
+    tokens', so the fine-tuning starts from the base model's distribution; random
+    rows could instead give a new token a large logit everywhere.
+    """
+    axes = model.param_axes(cfg)
+
+    def grow(x, names):
+        if "vocab" not in names:
+            return x
+        axis = names.index("vocab")
+        x = np.asarray(x)
+        extra = n_vocab - x.shape[axis]
+        mean = x.mean(axis=axis, keepdims=True)
+        return np.concatenate([x, np.repeat(mean, extra, axis=axis).astype(x.dtype)], axis=axis)
+
+    grown = jax.tree.map(grow, params, axes, is_leaf=lambda n: isinstance(n, tuple))
+    return dataclasses.replace(cfg, vocab_size=n_vocab), grown
 
 
 def _eval_sums(cfg, params, batch, mesh, rules):
