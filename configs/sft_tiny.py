@@ -50,6 +50,6 @@ def get_config():
         chat_eval=True,  # greedy replies to held-out prompts at every evaluation
         chat_eval_questions=20,  # identity paraphrases and GSM8K test questions asked
         chat_eval_gsm8k=f"{DATA}/gsm8k/test.jsonl",  # "" leaves the calculator figures out
-        chat_eval_tokens=96,
+        chat_eval_tokens=160,  # a reply that has not ended its turn by then counts as not ending it
     )
     return config

@@ -64,7 +64,12 @@ def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     dc, tc = config.data, config.train
     if config.init_from:
-        cfg, initial_params, tokenizer = loop.load_init_from(config)
+        try:
+            cfg, initial_params, tokenizer = loop.load_init_from(config)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}\n(init_from={config.init_from!r}: the base model; configs/sft_tiny.py "
+                                    f"starts from the main job's release, `python -m launch.train --config "
+                                    f"configs/tiny.py --workdir runs/tiny`)") from e
     else:  # a fresh model (tests, or a chat model trained from scratch)
         cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(dc.tokenizer)
     if tokenizer.chat_template is None:
@@ -99,7 +104,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
     eval_fn = jax.jit(lambda params, batch: _eval_sums(cfg, params, batch, mesh, rules),
                       out_shardings=NamedSharding(mesh, PartitionSpec()))
-    prompts = chat_prompts(config, identity_questions, val)
+    prompts = chat_prompts(tc, identity_questions, tokenizer, cfg.max_seq_len)
 
     def evaluate(params) -> dict[str, float]:
         figures = validation_losses(eval_fn, params, val, width, micro_batch, mesh, rules)
@@ -183,23 +188,30 @@ def validation_losses(eval_fn, params, val: cp.Rendered, width: int, micro_batch
 # ----------------------------------------------------------------------------- greedy chat
 
 
-def chat_prompts(config: ml_collections.ConfigDict, identity_questions: list[str], val: cp.Rendered
+def chat_prompts(tc: ml_collections.ConfigDict, identity_questions: list[str], tokenizer: Tokenizer, context: int
                  ) -> dict[str, list]:
-    """The held-out prompts of the chat figures: identity paraphrases and GSM8K test questions."""
-    tc = config.train
+    """The held-out prompts of the chat figures: identity paraphrases and the first GSM8K test questions that fit.
+
+    A question fits when its prompt leaves a quarter of the model's context for the reply.
+    """
     gsm8k = []
     if tc.chat_eval_gsm8k:
         with open(tc.chat_eval_gsm8k) as f:
-            records = [json.loads(line) for line, _ in zip(f, range(tc.chat_eval_questions))]
-        gsm8k = [(r["question"], conv.gsm8k_answer(r["answer"])) for r in records]
+            for line in f:
+                record = json.loads(line)
+                prompt = tokenizer.render_for_completion([{"role": "user", "content": record["question"]}])
+                if len(prompt) <= 3 * context // 4:
+                    gsm8k.append((record["question"], conv.gsm8k_answer(record["answer"])))
+                if len(gsm8k) == tc.chat_eval_questions:
+                    break
     return {"identity": identity_questions[:tc.chat_eval_questions], "gsm8k": gsm8k}
 
 
 def _greedy(cfg, host_params, tokenizer: Tokenizer, user_messages: list[str], max_new_tokens: int):
     tools = {"python": Calculator()} if tokenizer.has_tool("python") else {}
     engine = Engine(cfg, jax.device_put(host_params, jax.local_devices()[0]), tokenizer, tools=tools)
-    limit = cfg.max_seq_len - max_new_tokens - 1
-    prompts = [tokenizer.render_for_completion([{"role": "user", "content": m}])[-limit:] for m in user_messages]
+    # A reply that reaches the model's context stops there ("context") and counts as not ending its turn.
+    prompts = [tokenizer.render_for_completion([{"role": "user", "content": m}]) for m in user_messages]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                               stop_token_ids=tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot))))
     return [s for [s] in engine.generate(prompts, sampling)] if prompts else []
@@ -221,7 +233,7 @@ def chat_figures(cfg, host_params, tokenizer: Tokenizer, prompts: dict[str, list
     ended = [s.tokens[-1:] == [tokenizer.end_of_turn] for s in samples]
     figures = {"chat/end_of_turn": float(np.mean(ended))}
     if identity:
-        named = [name.lower() in s.text.lower() for s in samples[:len(identity)]]
+        named = [name in s.text for s in samples[:len(identity)]]
         figures["chat/identity_named"] = float(np.mean(named))
     if gsm8k:
         replies = samples[len(identity):]
