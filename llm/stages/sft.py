@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm import model, sharding
-from llm.config import model_config
+from llm.config import base_config, model_config
 from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
 from llm.data.pipeline import HostBatches
@@ -42,6 +42,41 @@ NAME = "sft"
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
     """Runs (or resumes) supervised fine-tuning as configured."""
     return loop.run(NAME, build, config, workdir)
+
+
+def base_sft_config(model: str = "tiny", sharding: str = "fsdp", data_dir: str = "../shared/data"
+                    ) -> ml_collections.ConfigDict:
+    """`base_config` with the stage's data (a conversation mixture) and chat-evaluation fields; configs start here."""
+    config = base_config(model, sharding)
+    config.data = ml_collections.ConfigDict(dict(
+        tokenizer="",  # only for a fresh model (no init_from): a named encoding or a .tiktoken file
+        seq_len=256,
+        batch_size=16,
+        val_fraction=0.1,  # of each source's conversations, by a hash of their keys
+        pack_window=256,  # conversations packed together (best fit) at a time
+        num_shards=0,
+        # Each source: kind (openai, sharegpt, oasst, hub, gsm8k, identity, spelling), path, epochs per
+        # mixture epoch (0.5: a random half), and the reader's own options (`conversations.open_conversations`).
+        sources=dict(
+            oasst=dict(kind="oasst", path=f"{data_dir}/chat/oasst1_en_validation.jsonl", epochs=2.0),
+            gsm8k=dict(kind="gsm8k", path=f"{data_dir}/gsm8k/train.jsonl", epochs=0.1),
+            identity=dict(kind="identity", epochs=3.0),
+            spelling=dict(kind="spelling", path=f"{data_dir}/words/words_alpha.zip", epochs=1.0, n=400),
+        ),
+        identity=dict(name="Tiny", creator="the llm project",
+                      can="answer questions, chat, and do arithmetic with a calculator",
+                      cannot="browse the internet, remember past conversations, or see images"),
+        identity_held_out=20,  # paraphrases never trained on, asked at evaluation
+    ))
+    config.train.update(
+        sample_prompts=("What is your name?", "What is 12 times 7?",
+                        "How many times does the letter 'r' appear in the word \"strawberry\"?"),
+        chat_eval=True,  # greedy replies to held-out prompts at every evaluation
+        chat_eval_questions=20,  # identity paraphrases and GSM8K test questions asked
+        chat_eval_gsm8k=f"{data_dir}/gsm8k/test.jsonl",  # "" leaves the calculator figures out
+        chat_eval_tokens=160,  # a reply that has not ended its turn by then counts as not ending it
+    )
+    return config
 
 
 def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
