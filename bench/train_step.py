@@ -44,8 +44,9 @@ import numpy as np  # noqa: E402
 from bench.model_step import matmul_peak_flops  # noqa: E402
 from llm import model, sharding  # noqa: E402
 from llm.config import ModelConfig, base_config, model_config  # noqa: E402
+from llm.train.losses import lm_loss  # noqa: E402
 from llm.train.optimizer import make_optimizer  # noqa: E402
-from llm.train.step import init_train_state, jit_train_step  # noqa: E402
+from llm.train.step import StateLayout, init_train_state, jit_train_step  # noqa: E402
 
 
 def _optimizer_config(steps: int):
@@ -54,14 +55,20 @@ def _optimizer_config(steps: int):
     return opt
 
 
+def _layout(cfg: ModelConfig, optimizer) -> StateLayout:
+    """FSDP rules on a data mesh over every local device, as the pretraining configs use."""
+    abstract = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(0))
+    return StateLayout.create(model.param_axes(cfg), abstract, optimizer, sharding.make_mesh(dict(data=-1)),
+                              dict(base_config("tiny", sharding="fsdp").sharding))
+
+
 def time_ours(cfg: ModelConfig, tokens: np.ndarray, steps: int) -> float:
     """Seconds per optimizer step of the jitted, sharded train step (compile excluded)."""
-    config = base_config("tiny", sharding="fsdp")
-    optimizer = make_optimizer(_optimizer_config(steps), cfg)
-    mesh = sharding.make_mesh(dict(data=-1))
-    rules = dict(config.sharding)
-    params, opt_state = init_train_state(cfg, optimizer, mesh, rules, jax.random.key(0))
-    step = jit_train_step(cfg, optimizer, mesh, rules)
+    optimizer = make_optimizer(_optimizer_config(steps), model.param_axes(cfg))
+    layout = _layout(cfg, optimizer)
+    params, opt_state = init_train_state(functools.partial(model.init_params, cfg), optimizer, layout,
+                                         jax.random.key(0))
+    step = jit_train_step(functools.partial(lm_loss, cfg), optimizer, layout)
     batch = {"inputs": tokens[None, :, :-1], "targets": tokens[None, :, 1:]}
     params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(0))
     jax.block_until_ready(metrics)
@@ -211,13 +218,11 @@ def compile_time(preset: str, batch: int) -> None:
     """Lowers and compiles a full-size train step from abstract shapes: no parameter is allocated."""
     config = base_config(preset, sharding="fsdp")
     cfg = model_config(config)
-    optimizer = make_optimizer(config.optimizer, cfg)
-    mesh = sharding.make_mesh(dict(data=-1))
-    rules = dict(config.sharding)
-    params = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(0))
-    opt_state = jax.eval_shape(optimizer.init, params)
+    optimizer = make_optimizer(config.optimizer, model.param_axes(cfg))
+    layout = _layout(cfg, optimizer)
+    params, opt_state = layout.abstract()
     tokens = jax.ShapeDtypeStruct((1, batch, cfg.max_seq_len), np.int32)
-    step = jit_train_step(cfg, optimizer, mesh, rules)
+    step = jit_train_step(functools.partial(lm_loss, cfg), optimizer, layout)
     start = time.perf_counter()
     lowered = step.lower(params, opt_state, {"inputs": tokens, "targets": tokens}, jax.random.key(0))
     lowered_s = time.perf_counter() - start
