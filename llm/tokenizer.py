@@ -19,7 +19,10 @@ An assistant message may end in a tool call, `<|python_start|>2**10<|python_end|
 its turn then stays open, the next (`tool`) message renders inline as
 `<|python_output_start|>1024<|python_output_end|>`, and the following assistant
 message continues the same turn up to its `<|im_end|>`. This is the token stream
-a sampler sees when it runs the tool and forces the output tokens itself.
+a sampler sees when it runs the tool and forces the output tokens itself. That
+format is data (`ChatTemplate`, `OUR_CHAT`): a real model's tokenizer
+(`llm/hf_tokenizer.py`) brings its own, such as ChatML or Llama 3's headers, and
+renders, masks and stops the same way, without tools unless it has the tool tokens.
 """
 
 from __future__ import annotations

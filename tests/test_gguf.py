@@ -27,7 +27,7 @@ from llm import gguf, hf, hf_tokenizer, model
 from llm.generate import Engine, SamplingParams
 from llm.release import load_release, save_release
 from llm.tokenizer import OUR_CHAT, ChatTemplate, Tokenizer, read_texts, train_bpe
-from hf_models import randomize
+from hf_models import gpt2, llama
 
 gguf_lib = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
@@ -62,23 +62,8 @@ def tiny_tok():
 
 def _tiny(family: str, tie: bool = True, rope_scaling: bool = False):
     """A random transformers model (vocab 320 > the tokenizer's 300, so padding ids are exported too) and our copy."""
-    if family == "gpt2":
-        # 1024 positions and a 4x MLP: transformers' GGUF loader reads neither from the file (it maps
-        # gpt2.context_length to n_ctx, not n_positions, and ignores feed_forward_length).
-        config = transformers.GPT2Config(vocab_size=320, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
-                                         bos_token_id=0, eos_token_id=0)
-        torch_model = randomize(transformers.GPT2LMHeadModel(config))
-    else:
-        rope = dict(rope_type="default", rope_theta=10_000.0)
-        if rope_scaling:
-            rope = dict(rope_type="llama3", rope_theta=500_000.0, factor=8.0, low_freq_factor=1.0,
-                        high_freq_factor=4.0, original_max_position_embeddings=16)
-        config = transformers.LlamaConfig(
-            vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, rope_parameters=rope,
-            rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, pad_token_id=None,
-        )
-        torch_model = randomize(transformers.LlamaForCausalLM(config))
+    # GPT-2 with 1024 positions: transformers' GGUF loader maps gpt2.context_length to n_ctx, not n_positions.
+    torch_model = gpt2(320, n_positions=1024) if family == "gpt2" else llama(tie, rope_scaling, vocab_size=320)
     cfg = hf.model_config_from_hf(torch_model.config.to_dict())
     state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
     return cfg, jax.tree.map(jax.numpy.asarray, hf.params_from_hf(cfg, state))
@@ -100,6 +85,13 @@ def _transformers(path: Path):
 def _greedy(cfg, params, prompt, n):
     [[sample]] = Engine(cfg, params).generate([list(prompt)], SamplingParams(max_new_tokens=n, temperature=0.0))
     return sample.tokens
+
+
+def _assert_near_greedy(cfg, params, prompt, tokens, tolerance):
+    """Each token is the f32 model's greedy choice, or within `tolerance` of its logit (a quantized model's near-tie)."""
+    logits = _logits(cfg, params, np.array([[*prompt, *tokens]]))[0, len(prompt) - 1:-1]
+    gaps = logits.max(-1) - logits[np.arange(len(tokens)), tokens]
+    assert gaps.max() <= tolerance, (gaps, tolerance)
 
 
 # ----------------------------------------------------------------------------- export and import round trips
@@ -126,7 +118,8 @@ def test_f32_export_matches_transformers_and_reloads_exactly(kind, tiny_tok, tmp
 
 
 def test_q8_0_export_is_read_alike_by_transformers_and_keeps_greedy_tokens(tiny_tok, tmp_path):
-    """Q8_0: ours and transformers read the same weights (1e-4); against f32, logits move < 2% of their range."""
+    """Q8_0: ours and transformers read the same weights (1e-4); against f32, logits move < 2% of their range
+    and every greedy token is f32's choice or within 2% of the logit range of it."""
     cfg, params = _tiny("llama", False)
     path = tmp_path / "m.q8_0.gguf"
     gguf.save_gguf(str(path), cfg, params, tiny_tok, dtype="q8_0")
@@ -140,7 +133,7 @@ def test_q8_0_export_is_read_alike_by_transformers_and_keeps_greedy_tokens(tiny_
     np.testing.assert_allclose(theirs, ours_q, atol=1e-4, rtol=0)
     exact = _logits(cfg, params, PROMPT)
     assert np.abs(ours_q - exact).max() < 0.02 * np.ptp(exact)
-    assert _greedy(cfg_q, params_q, PROMPT[0], 8) == _greedy(cfg, params, PROMPT[0], 8)
+    _assert_near_greedy(cfg, params, list(PROMPT[0]), _greedy(cfg_q, params_q, PROMPT[0], 8), 0.02 * np.ptp(exact))
 
 
 def test_llama31_rope_scaling_travels_as_rope_freqs(tiny_tok, tmp_path):
@@ -477,4 +470,7 @@ def test_llama_cpp_runs_our_exports(tiny_tok, tmp_path):
             theirs.append(int(token))
             if len(theirs) == 8:
                 break
-        assert theirs == ours, dtype
+        if dtype == "f32":
+            assert theirs == ours
+        else:  # llama.cpp also rounds activations to 8 bits in Q8_0 products: near-ties may flip
+            _assert_near_greedy(cfg, params, prompt, theirs, tolerance)
