@@ -401,6 +401,13 @@ def test_smollm2_tokenizer_equals_hugging_face_on_wikinews_code_digits_cjk_emoji
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     theirs = _hf_bpe(tokens, merges, "smollm")
     _assert_same_ids(tok, theirs, _texts(300), ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    # Our reading of its chat template renders as transformers renders the template itself.
+    jinja = reader.fields["tokenizer.chat_template"].contents()
+    fast = _hf_chat(tokens, merges, "smollm", tok.encoding._special_tokens, jinja)
+    safe = [m for m in CONVERSATION if "<|" not in m["content"]]
+    for messages in (safe, [{"role": "system", "content": "Answer in French."}, *safe]):
+        assert fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) == \
+            tok.render_for_completion(messages)
 
 
 @needs_smollm
