@@ -136,6 +136,51 @@ def test_q8_0_export_is_read_alike_by_transformers_and_keeps_greedy_tokens(tiny_
     _assert_near_greedy(cfg, params, list(PROMPT[0]), _greedy(cfg_q, params_q, PROMPT[0], 8), 0.02 * np.ptp(exact))
 
 
+def _random_blocks(rows: int, cols: int, qtype) -> np.ndarray:
+    """Random raw blocks of a K-quant (gguf-py reads but cannot write them), their f16 scales set small."""
+    block, size = gguf_lib.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    for offset in {"Q4_K": (0, 2), "Q6_K": (208,)}[qtype.name]:  # d (and dmin) in the block layout
+        raw[..., offset:offset + 2] = scale
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["BF16", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_quantized_tensor_types_load_alike_in_ours_and_transformers(kind, tiny_tok, tmp_path, monkeypatch):
+    """Every matrix stored as `kind` (256-wide rows for the K-quants' blocks): ours and transformers read the same model."""
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False, rms_norm_eps=1e-5)
+    torch_model = transformers.LlamaForCausalLM(config).eval()
+    cfg = hf.model_config_from_hf(torch_model.config.to_dict())
+    params = hf.params_from_hf(cfg, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+    qtype = gguf_lib.GGMLQuantizationType[kind]
+    add_weight = gguf._add_weight
+
+    def quantized(writer, name, tensor, dtype):
+        if tensor.ndim < 2:
+            return add_weight(writer, name, tensor, dtype)
+        raw = (_random_blocks(*tensor.shape, qtype) if kind.endswith("_K")
+               else gguf_lib.quants.quantize(tensor, qtype))
+        writer.add_tensor(name, raw, raw_dtype=qtype)
+
+    monkeypatch.setattr(gguf, "_add_weight", quantized)
+    path = tmp_path / f"m.{kind}.gguf"
+    gguf.save_gguf(str(path), cfg, params, tiny_tok)
+    assert {t.tensor_type.name for t in gguf.read(str(path)).tensors if len(t.shape) == 2} == {kind}
+    cfg2, params2, _ = gguf.load_gguf(str(path))
+    ours = _logits(cfg2, params2, PROMPT)
+    with torch.no_grad():
+        theirs = _transformers(path)(torch.tensor(PROMPT)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-5)
+    if not kind.endswith("_K"):  # the model's own weights, quantized: bf16 close, 4 bits still correlated
+        exact = _logits(cfg, jax.tree.map(jax.numpy.asarray, params), PROMPT)
+        if kind == "BF16":
+            assert np.abs(ours - exact).max() < 1e-2
+        assert np.corrcoef(ours.ravel(), exact.ravel())[0, 1] > 0.9
+
+
 def test_llama31_rope_scaling_travels_as_rope_freqs(tiny_tok, tmp_path):
     cfg, params = _tiny("llama", True, rope_scaling=True)
     path = tmp_path / "m.gguf"
