@@ -413,6 +413,24 @@ def test_chatml_template_with_default_system_renders_and_masks(tiny_tok):
                                    {"role": "tool", "content": "2"}])
 
 
+def test_llama3_template_is_read_from_its_jinja(tiny_tok):
+    special = {"<|begin_of_text|>": 300, "<|end_of_text|>": 301, "<|start_header_id|>": 302,
+               "<|end_header_id|>": 303, "<|eot_id|>": 304}
+    jinja = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+             "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}")
+    template = ChatTemplate.from_jinja(jinja, special)
+    assert template == ChatTemplate("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
+                                    begin="<|begin_of_text|>")
+    enc = tiktoken.Encoding("l3", pat_str=hf_tokenizer.LLAMA3_SPLIT_PATTERN,
+                            mergeable_ranks=tiny_tok.encoding._mergeable_ranks, special_tokens=special)
+    tok = Tokenizer(enc, template, bos="<|begin_of_text|>", eot="<|end_of_text|>")
+    assert tok.decode(tok.render_for_completion(CONVERSATION[:1])) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.end_of_turn == 304 and tok.bos == [300] and tok.eot == 301
+    assert ChatTemplate.from_jinja("{{ messages }}", special) is None
+
+
 def test_tokenizer_with_a_foreign_template_saves_and_loads(tmp_path):
     enc = tiktoken.Encoding("t", pat_str=hf_tokenizer.SMOLLM_SPLIT_PATTERN,
                             mergeable_ranks={bytes([b]): b + 2 for b in range(256)},
