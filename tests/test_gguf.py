@@ -517,10 +517,11 @@ def test_smollm2_chat_answers_paris_and_stops_at_its_end_of_turn(smollm, monkeyp
 # ----------------------------------------------------------------------------- llama.cpp (where installed)
 
 
-def test_llama_cpp_runs_our_exports(tiny_tok, tmp_path):
+@pytest.mark.parametrize("kind", ["llama_untied", "gpt2"])
+def test_llama_cpp_runs_our_exports(kind, tiny_tok, tmp_path):
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python: ~4.5 min build)")
-    cfg, params = _tiny("llama", False)
+    cfg, params = _tiny(*TINY[kind])
     prompt = list(PROMPT[0])
     ours = _greedy(cfg, params, prompt, 8)
     for dtype in ("f32", "q8_0"):
