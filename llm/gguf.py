@@ -302,11 +302,9 @@ def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict
         if cfg.family == "gpt2" and base in _GPT2_TRANSPOSED:
             w = w.T
         hf_name = to_hf[base]
-        if hf_name == "lm_head.weight":
-            out[hf_name] = w
-        else:
-            out[prefix + (f"layers.{match.group(1)}." if cfg.family == "llama" and match else
-                          f"h.{match.group(1)}." if match else "") + hf_name] = w
+        if match:  # a block's tensor: model.layers.{i}.… (Llama) or transformer.h.{i}.… (GPT-2)
+            hf_name = ("layers." if cfg.family == "llama" else "h.") + f"{match.group(1)}.{hf_name}"
+        out[hf_name if hf_name == "lm_head.weight" else prefix + hf_name] = w
     return out
 
 
