@@ -196,3 +196,16 @@ def test_when_one_process_dies_the_other_exits_with_an_error(tmp_path):
         survivor.kill()
         pytest.fail("the surviving process hung after its peer died")
     assert code != 0
+
+
+def test_the_resume_identity_names_each_field_of_a_mixture_and_survives_a_checkpoint():
+    from llm.checkpoint import _lists_to_tuples
+    from llm.train.loop import run_identity
+
+    config = load_config(os.path.join(ROOT, "configs", "sft_tiny.py"))
+    saved = type(config)(_lists_to_tuples(json.loads(json.dumps(config.to_dict()))))  # as a checkpoint keeps it
+    assert run_identity("sft", saved) == run_identity("sft", config)
+    changed = load_config(os.path.join(ROOT, "configs", "sft_tiny.py"), ["--config.data.sources.oasst.epochs=3"])
+    ours, theirs = run_identity("sft", changed), run_identity("sft", config)
+    assert [k for k in ours if ours[k] != theirs[k]] == ["data.sources.oasst.epochs"]
+    assert run_identity("pretrain", config)["stage"] != run_identity("sft", config)["stage"]

@@ -94,10 +94,17 @@ def run_identity(stage_name: str, config: ml_collections.ConfigDict) -> dict[str
     """
     identity = {"stage": stage_name, "init_from": config.get("init_from", ""), "seed": config.seed}
     identity |= {f"model.{k}": v for k, v in config.model.items() if k not in EXECUTION_FIELDS}
-    for key in ("source", "tokenizer", "packing", "seq_len"):
+    for key in ("source", "sources", "tokenizer", "packing", "seq_len"):  # the data stream (a mixture for SFT)
         if key in config.get("data", {}):
-            identity[f"data.{key}"] = config.data[key]
+            identity |= _flat(f"data.{key}", config.data[key])
     return identity
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    """A nested config section as dotted keys, so a difference names its field."""
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+        return {k: v for name, child in value.items() for k, v in _flat(f"{prefix}.{name}", child).items()}
+    return {prefix: value}
 
 
 def _process_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
