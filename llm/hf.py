@@ -24,7 +24,9 @@ from llm.config import ModelConfig
 from llm.model import ParamSpec, param_specs
 
 Params = dict[str, Any]
-_WEIGHT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+# A model's config, weights and the tokenizer files `load_release` reads.
+_WEIGHT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
+                    "tokenizer_config.json"]
 
 
 # ----------------------------------------------------------------------------- files

@@ -42,11 +42,16 @@ def save_release(directory: str, cfg: ModelConfig, params: Any, tokenizer: Token
 
 
 def load_release(directory: str, tokenizer: str | None = None, **model_overrides: Any) -> tuple[ModelConfig, Any, Tokenizer]:
-    """Our release directory, a Hugging Face one, or a GGUF file or hub id (`tokenizer` overrides the model's own)."""
+    """Our release directory, a Hugging Face directory or hub id, or a GGUF file or hub id.
+
+    `tokenizer` (a name or path) overrides the model's own.
+    """
     from safetensors.numpy import load_file
 
     if gguf.is_gguf(directory):
         return gguf.load_gguf(directory, tokenizer=tokenizer, **model_overrides)
+    if not os.path.exists(directory) and not directory.startswith((".", "/")):  # a hub id: its files, cached
+        directory = hf.resolve_checkpoint_dir(directory)
 
     config_path = os.path.join(directory, "model_config.json")
     if not os.path.exists(config_path):

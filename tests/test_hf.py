@@ -11,6 +11,7 @@ import transformers
 
 from hf_models import gpt2, llama
 from llm import hf, model
+from llm.release import load_release
 
 
 CASES = {
@@ -79,3 +80,5 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="could not fetch 'openai-community/gpt2'.*Offline\\?"):
         hf.load_hf("openai-community/gpt2")
+    with pytest.raises(RuntimeError, match="could not fetch 'openai-community/gpt2'.*Offline\\?"):
+        load_release("openai-community/gpt2")  # what init_from and launch.sample call
