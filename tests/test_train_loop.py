@@ -160,14 +160,15 @@ def _tokenizer_file(tmp_path):
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     import portpicker
 
-    tokenizer_path = _tokenizer_file(tmp_path)
-    [single] = _launch_processes(tmp_path / "one", tokenizer_path, 1, 8, None)
+    # Each run trains its BPE (deterministic); of the two processes only process 0 trains it, the other receives it.
+    [single] = _launch_processes(tmp_path / "one", "train:1024", 1, 8, None)
     assert single.wait(timeout=600) == 0, single.stderr.read()[-3000:]
-    pair = _launch_processes(tmp_path / "two", tokenizer_path, 2, 4, portpicker.pick_unused_port())
+    pair = _launch_processes(tmp_path / "two", "train:1024", 2, 4, portpicker.pick_unused_port())
     outputs = [proc.communicate(timeout=600) for proc in pair]
     for proc, (_, err) in zip(pair, outputs):
         assert proc.returncode == 0, err[-3000:]
     assert "| sample | 'The" in outputs[0][0]  # samples from parameters gathered across the processes
+    assert "bpe: reading" in outputs[0][1] and "bpe: reading" not in outputs[1][1]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in two] == list(range(1, 7))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
