@@ -3,13 +3,13 @@
     python -m launch.sft --config configs/sft_tiny.py --workdir runs/sft [--config.train.steps=100 ...]
 
 The same command shape, resume and refusal of another run's checkpoints as
-`launch.train`; the release it writes opens in `launch.chat`. Multi-host: see `launch/stage.py`.
+`launch.train`; the release it writes opens in `launch.chat`. Multi-host: see `launch/stage_flags.py`.
 """
 
 import sys
 
-from launch.stage import main
+from launch.stage_flags import run_stage
 from llm.stages import sft
 
 if __name__ == "__main__":
-    main("python -m launch.sft", sft.run, sys.argv[1:])
+    run_stage("python -m launch.sft", sft.run, sys.argv[1:])

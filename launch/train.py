@@ -4,13 +4,13 @@
 
 Interrupted runs resume from the newest complete checkpoint in the workdir; a
 workdir whose checkpoints belong to another run (another model, say) is refused
-before anything is written. Multi-host: see `launch/stage.py`.
+before anything is written. Multi-host: see `launch/stage_flags.py`.
 """
 
 import sys
 
-from launch.stage import main
+from launch.stage_flags import run_stage
 from llm.stages import pretrain
 
 if __name__ == "__main__":
-    main("python -m launch.train", pretrain.run, sys.argv[1:])
+    run_stage("python -m launch.train", pretrain.run, sys.argv[1:])

@@ -66,9 +66,6 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.check_for_errors()
 
-    def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
-
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

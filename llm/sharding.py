@@ -155,7 +155,7 @@ def gather_to_host(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, jax.device_get(tree))
+        return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
 
 

@@ -163,7 +163,7 @@ class _Writers:
                 f.writelines(rows)
             os.replace(path + ".tmp", path)
         self.jsonl = open(path, "a")
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1 or None)
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.active:
@@ -342,10 +342,8 @@ def _global_batch(micro_batches: list[dict[str, np.ndarray]], layout: StateLayou
 
 
 def _check_shapes(host_params: Any, abstract_params: Any, source: str) -> None:
-    got = jax.tree_util.tree_flatten_with_path(host_params)[0]
-    want = jax.tree.leaves(abstract_params)
     if jax.tree.structure(host_params) != jax.tree.structure(abstract_params) or any(
-            np.shape(x) != w.shape for (_, x), w in zip(got, want)):
+            np.shape(x) != w.shape for x, w in zip(jax.tree.leaves(host_params), jax.tree.leaves(abstract_params))):
         raise ValueError(f"init_from={source!r}: its parameters do not have the shapes this stage's model has")
 
 
@@ -355,7 +353,8 @@ def _first_logged(workdir: str) -> dict[str, float]:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return next((row for row in map(json.loads, f) if row["step"] == 0), {})
+        row = next((row for row in map(json.loads, f) if row["step"] == 0), {"step": 0})
+    return {k: v for k, v in row.items() if k != "step"}
 
 
 def _device_peak_flops() -> float | None:

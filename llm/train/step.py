@@ -40,7 +40,7 @@ def split_frozen(tree: Any, frozen: Sequence[str]) -> tuple[Any, Any]:
     trainable, fixed = tree, {}
     for path in frozen:
         trainable, part = _pop(trainable, path.split("/"), path)
-        fixed = _merge(fixed, part)
+        fixed = merge_frozen(fixed, part)
     return trainable, fixed
 
 
@@ -58,13 +58,9 @@ def _pop(tree: Any, keys: list[str], path: str) -> tuple[dict, dict]:
 
 def merge_frozen(trainable: Any, fixed: Any) -> Any:
     """The whole tree again from `split_frozen`'s halves."""
-    return _merge(trainable, fixed)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if key in out else value
+    out = dict(trainable)
+    for key, value in fixed.items():
+        out[key] = merge_frozen(out[key], value) if key in out else value
     return out
 
 

@@ -1,4 +1,6 @@
-"""What every stage's command shares: `python -m launch.<stage> --config configs/<name>.py --workdir DIR`.
+"""What every stage's command shares (not a command itself, like `sampling_flags` for the sampling commands).
+
+`launch.train`, `launch.sft`, ... are `python -m launch.<stage> --config configs/<name>.py --workdir DIR`.
 
 On a cluster, JAX's own runtime connects the processes: `jax.distributed.initialize()`
 runs when the environment names a coordinator (JAX_COORDINATOR_ADDRESS with
@@ -36,7 +38,7 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()  # reads the SLURM environment
 
 
-def main(prog: str, run: Callable[[ml_collections.ConfigDict, str], Summary], argv: list[str]) -> None:
+def run_stage(prog: str, run: Callable[[ml_collections.ConfigDict, str], Summary], argv: list[str]) -> None:
     """Parses the config and workdir, joins the cluster, runs the stage, prints its summary."""
     config, rest = config_from_argv(argv)
     parser = argparse.ArgumentParser(prog=prog)
