@@ -12,7 +12,7 @@ import argparse
 import os
 
 from llm import gguf, hf
-from llm.release import load_release
+from llm.release import HF_DIR_TOKENIZER, load_release
 
 
 def main(argv=None) -> None:
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
         gguf.save_gguf(args.out, cfg, params, tokenizer, dtype=args.dtype, name=name)
     else:
         hf.save_hf(cfg, params, args.out)
-        tokenizer.save(os.path.join(args.out, "tokenizer.tiktoken"))
+        tokenizer.save(os.path.join(args.out, HF_DIR_TOKENIZER))
     print(f"wrote {args.out} ({cfg.family}, {cfg.n_layer} layers, vocab {cfg.vocab_size}"
           f"{', ' + args.dtype if args.format == 'gguf' else ''})")
 

@@ -26,7 +26,7 @@ from llm.model import ParamSpec, param_specs
 Params = dict[str, Any]
 # A model's config, weights and the tokenizer files `load_release` reads.
 _WEIGHT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
-                    "tokenizer_config.json"]
+                    "tokenizer_config.json", "chat_template.jinja"]
 
 
 # ----------------------------------------------------------------------------- files

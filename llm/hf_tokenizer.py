@@ -62,6 +62,7 @@ def byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
+@functools.cache
 def byte_encoder() -> dict[int, str]:
     return {b: c for c, b in byte_decoder().items()}
 

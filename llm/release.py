@@ -25,6 +25,8 @@ from llm.model import init_params
 from llm.tokenizer import Tokenizer
 
 FORMAT = "llm-release-v1"
+# Our tokenizer beside exported Hugging Face files: its JSON side file must not be named tokenizer.json (HF's own).
+HF_DIR_TOKENIZER = "llm_tokenizer.tiktoken"
 
 
 def save_release(directory: str, cfg: ModelConfig, params: Any, tokenizer: Tokenizer) -> None:
@@ -50,8 +52,8 @@ def load_release(directory: str, tokenizer: str | None = None, **model_overrides
 
     if gguf.is_gguf(directory):
         return gguf.load_gguf(directory, tokenizer=tokenizer, **model_overrides)
-    if not os.path.exists(directory) and not directory.startswith((".", "/")):  # a hub id: its files, cached
-        directory = hf.resolve_checkpoint_dir(directory)
+    if not os.path.exists(directory) and directory.count("/") == 1 and not directory.startswith("."):
+        directory = hf.resolve_checkpoint_dir(directory)  # an owner/name hub id: its files, cached
 
     config_path = os.path.join(directory, "model_config.json")
     if not os.path.exists(config_path):
@@ -79,12 +81,14 @@ def load_release(directory: str, tokenizer: str | None = None, **model_overrides
 
 
 def _hf_tokenizer(directory: str, cfg: ModelConfig) -> str | Tokenizer:
-    """The encoding of a Hugging Face directory: its tokenizer.json, GPT-2's own for a GPT-2 vocabulary, else an error."""
+    """The encoding of a Hugging Face directory: ours (an export), its tokenizer.json, GPT-2's for a GPT-2 vocabulary."""
+    if os.path.exists(os.path.join(directory, HF_DIR_TOKENIZER)):
+        return os.path.join(directory, HF_DIR_TOKENIZER)
     if os.path.exists(os.path.join(directory, "tokenizer.json")):
         return hf_tokenizer.from_hf_directory(directory)
     if cfg.family == "gpt2" and cfg.vocab_size in (50257, 50304):
         return "gpt2"
-    found = [name for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    found = [name for name in ("tokenizer.model", "tokenizer_config.json")
              if os.path.exists(os.path.join(directory, name))]
     raise ValueError(
         f"{directory}: no tokenizer this project can read for a {cfg.family} model with {cfg.vocab_size} ids "

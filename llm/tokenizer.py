@@ -233,8 +233,10 @@ class ChatTemplate:
         special = set(special_tokens)
         if {"<|im_start|>", "<|im_end|>"} <= special and "<|im_start|>" in source:
             match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", source, re.DOTALL)
+            # A literal default only: in some templates (Qwen's) the match is Jinja building the system turn.
+            literal = match and not any(code in match.group(1) for code in ("{{", "{%", "' +", "+ '", "messages["))
             return cls("chatml", "<|im_start|>{role}\n", "<|im_end|>\n",
-                       default_system=match.group(1) if match else None)
+                       default_system=match.group(1) if literal else None)
         if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= special and "<|start_header_id|>" in source:
             begin = "<|begin_of_text|>" if "<|begin_of_text|>" in special else ""
             return cls("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", begin=begin)

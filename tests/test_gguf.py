@@ -213,7 +213,9 @@ def test_export_cli_and_load_release_accept_gguf(tiny_tok, tmp_path, capsys):
     assert tok2.n_vocab == cfg.vocab_size and tok2.decode([310]) == "[PAD310]"  # embedding rows past the tokenizer
     np.testing.assert_allclose(_logits(cfg2, params2, PROMPT), _logits(cfg, params, PROMPT), atol=2e-2)
     export_cli.main(["--checkpoint", str(tmp_path / "release"), "--format", "hf", "--out", str(tmp_path / "hf")])
-    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.tiktoken").exists()
+    cfg3, params3, tok3 = load_release(str(tmp_path / "hf"))  # the export loads back, with our tokenizer
+    assert cfg3.family == "gpt2" and tok3.encode("Hello there") == tiny_tok.encode("Hello there")
+    np.testing.assert_allclose(_logits(cfg3, params3, PROMPT), _logits(cfg, params, PROMPT), atol=1e-5)
 
 
 def test_gguf_hub_id_offline_is_a_clear_error(monkeypatch):

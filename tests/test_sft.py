@@ -228,6 +228,13 @@ def test_oasst_best_path_follows_rank_zero_and_all_paths_cover_the_ranked_tree()
     assert len({tuple(m["content"] for m in c.messages) for c in every}) == len(every)
     deleted = {r["text"] for r in rows if r["deleted"]}
     assert deleted and not any(m["content"] in deleted for c in every for m in c.messages)
+    # The paths of one tree share a prompt and early replies: they fall on one side of the split together.
+    both_sides = 0
+    for val_fraction in np.linspace(0.1, 0.9, 9):
+        train, val = cp.split_keys(every.items, val_fraction)
+        assert not {c.group for c in train} & {c.group for c in val}
+        both_sides += bool(train and val)
+    assert both_sides  # some split has trees on either side, so the check above was not vacuous
 
 
 def test_openai_and_sharegpt_round_trip_real_conversations(tmp_path):

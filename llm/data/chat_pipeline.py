@@ -38,6 +38,7 @@ import numpy as np
 
 from llm.data.conversations import Conversation
 from llm.data.pipeline import _process_slice
+from llm.data.sources import validation_mask
 from llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,16 @@ def render(mixture: Mapping[str, Sequence[Conversation]], tokenizer: Tokenizer, 
 
 
 def split_keys(conversations: Sequence[Conversation], val_fraction: float) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, validation) by a CRC32 of each conversation's key, stable under reordering (as `sources.validation_mask`)."""
-    threshold = int(val_fraction * 2**32)
-    held = [zlib.crc32(c.key.encode("utf-8", "surrogatepass")) < threshold for c in conversations]
+    """(train, validation) by `sources.validation_mask` of each conversation's split key, stable under reordering."""
+    held = validation_mask([c.split_key for c in conversations], val_fraction)
     return [c for c, h in zip(conversations, held) if not h], [c for c, h in zip(conversations, held) if h]
 
 
 def epoch_indices(rendered: Rendered, epochs: Mapping[str, float], seed: int = 0) -> np.ndarray:
-    """One mixture epoch: each source's conversations `epochs[source]` times (2.5: twice, then a random half)."""
+    """One mixture epoch: each source's conversations `epochs[source]` times (2.5: twice, then a random half).
+
+    The random part is drawn once: every mixture epoch repeats the same subset (reshuffled).
+    """
     picked = []
     for name, times in epochs.items():
         if times < 0:

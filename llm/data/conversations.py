@@ -54,7 +54,12 @@ class ConversationError(DataError):
 @dataclasses.dataclass(frozen=True)
 class Conversation:
     messages: list[Message]
-    key: str  # stable id (file:line, tree id, ...): the train/validation split hashes it
+    key: str  # stable id (file:line, tree id, ...)
+    group: str = ""  # what the train/validation split hashes (default: key): one tree's paths share a side
+
+    @property
+    def split_key(self) -> str:
+        return self.group or self.key
 
 
 @dataclasses.dataclass
@@ -238,7 +243,8 @@ def _oasst_conversations(rows: Sequence[tuple[str, Mapping]], all_paths: bool, c
             if problem is not None:
                 collector.bad(where_of[path[-1]["message_id"]], *problem)
             else:
-                collector.out.items.append(Conversation(messages, key))
+                collector.out.items.append(Conversation(messages, key, group=str(root.get("message_tree_id",
+                                                                                             root["message_id"]))))
     return collector.out
 
 

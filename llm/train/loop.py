@@ -94,9 +94,10 @@ def run_identity(stage_name: str, config: ml_collections.ConfigDict) -> dict[str
     """
     identity = {"stage": stage_name, "init_from": config.get("init_from", ""), "seed": config.seed}
     identity |= {f"model.{k}": v for k, v in config.model.items() if k not in EXECUTION_FIELDS}
-    for key in ("source", "sources", "tokenizer", "packing", "seq_len"):  # the data stream (a mixture for SFT)
-        if key in config.get("data", {}):
-            identity |= _flat(f"data.{key}", config.data[key])
+    # Every data field shapes the stream the saved position points into, except how it is read.
+    for key, value in config.get("data", {}).items():
+        if key not in ("worker_count", "num_shards"):  # num_shards: compared as effective, with the process count
+            identity |= _flat(f"data.{key}", value)
     return identity
 
 
