@@ -18,7 +18,7 @@ def get_config():
     config.init_from = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     config.data.update(seq_len=512, batch_size=8)
     del config.data.sources["gsm8k"]
-    config.data.identity.update(name="SmolLM", creator="Hugging Face")
+    config.data.sources.identity.update(name="SmolLM", creator="Hugging Face")
     config.optimizer.update(learning_rate=2e-5, warmup_steps=10, weight_decay=0.0)
     config.train.update(steps=100, log_every=5, eval_every=50, checkpoint_every=50, sample_every=50,
                         sample_tokens=64, chat_eval_gsm8k="", chat_eval_tokens=96)

@@ -21,6 +21,7 @@ from llm import model
 from llm.config import ModelConfig, load_config
 from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
+from llm.data.pipeline import best_fit_rows
 from llm.release import load_release
 from llm.stages import sft
 from llm.tokenizer import Tokenizer, train_bpe
@@ -140,11 +141,13 @@ def test_missing_chat_token_rows_are_added_as_the_mean_row_leaving_old_logits_un
 # ----------------------------------------------------------------------------- packing
 
 
-def test_pack_rows_best_fit_by_hand():
-    # width 8: 7 first (+1 fills it), then 5 + 3, then 2 alone.
-    assert cp.pack_rows([5, 3, 2, 7, 1], 8) == [[3, 4], [0, 1], [2]]
+def test_best_fit_without_crop_by_hand():
+    # width 8: 7 first (+1 fills it), then 5 + 3, then 2 alone, padded; nothing is cropped.
+    assert best_fit_rows([5, 3, 2, 7, 1], 8, crop=False) == [[(3, 7), (4, 1)], [(0, 5), (1, 3)], [(2, 2)]]
     with pytest.raises(ValueError, match="more than a row"):
-        cp.pack_rows([9], 8)
+        best_fit_rows([9], 8, crop=False)
+    # Pretraining's rule on the same lengths: the shortest one is cropped to fill a row, the short last row dropped.
+    assert best_fit_rows([5, 3, 2, 7, 1], 8) == [[(3, 7), (4, 1)], [(0, 5), (1, 3)]]
 
 
 def _segments(batches):
@@ -178,9 +181,8 @@ def test_packing_never_splits_a_conversation_and_uses_each_once_per_epoch_drops_
     assert "dropped" in rendered.describe()
     expected = collections.Counter(
         (tuple(t.tolist()), tuple(m[1:].tolist())) for t, m in zip(rendered.tokens, rendered.masks))
-    indices = cp.epoch_indices(rendered, {"oasst": 1, "gsm8k": 1, "identity": 1})
     for epochs in (1, 2):
-        ds = cp.make_chat_pipeline(rendered, indices, seq_len=seq_len, batch_size=1, num_epochs=epochs,
+        ds = cp.make_chat_pipeline(rendered, {"oasst": 1, "gsm8k": 1, "identity": 1}, seq_len=seq_len, batch_size=1, num_epochs=epochs,
                                    pack_window=32, process_index=0, process_count=1)
         found = collections.Counter(_segments(list(ds)))
         assert found == collections.Counter({k: epochs * n for k, n in expected.items()})
@@ -189,13 +191,24 @@ def test_packing_never_splits_a_conversation_and_uses_each_once_per_epoch_drops_
 def test_mixture_epochs_and_the_iterator_resumes_exactly(tok):
     mixture = {"identity": conv.identity()[0].items, "gsm8k": conv.gsm8k(GSM8K).items}
     rendered = cp.render(mixture, tok, 257)
-    indices = cp.epoch_indices(rendered, {"identity": 0.5, "gsm8k": 2})
+    mix = {"identity": 0.5, "gsm8k": 2}
+    indices = cp.epoch_indices(rendered, mix)
     counts = collections.Counter(rendered.sources[i] for i in indices)
     assert counts == {"identity": round(0.5 * len(rendered.of("identity"))), "gsm8k": 2 * len(rendered.of("gsm8k"))}
-    assert len(set(indices[[rendered.sources[i] == "identity" for i in indices]])) == counts["identity"]
+    half = set(indices[[rendered.sources[i] == "identity" for i in indices]])
+    assert len(half) == counts["identity"]
+    # The random half is drawn again every mixture epoch: same size, another subset.
+    again = cp.epoch_indices(rendered, mix, epoch=1)
+    assert collections.Counter(rendered.sources[i] for i in again) == counts
+    assert set(again[[rendered.sources[i] == "identity" for i in again]]) != half
     with pytest.raises(ValueError, match="render with max_tokens"):
-        cp.make_chat_pipeline(rendered, indices, seq_len=64, batch_size=2)
-    ds = cp.make_chat_pipeline(rendered, indices, seq_len=256, batch_size=2, pack_window=16, process_index=0,
+        cp.make_chat_pipeline(rendered, mix, seq_len=64, batch_size=2)
+    two_epochs = cp.make_chat_pipeline(rendered, mix, seq_len=256, batch_size=1, num_epochs=2, pack_window=16,
+                                       process_index=0, process_count=1)
+    identity_tokens = {tuple(rendered.tokens[i].tolist()) for i in rendered.of("identity")}
+    seen = {tokens for tokens, _ in _segments(list(two_epochs)) if tokens in identity_tokens}
+    assert counts["identity"] < len(seen) <= 2 * counts["identity"]  # the second epoch drew other conversations
+    ds = cp.make_chat_pipeline(rendered, mix, seq_len=256, batch_size=2, pack_window=16, process_index=0,
                                process_count=1)
     it = iter(ds)
     for _ in range(5):
@@ -207,6 +220,20 @@ def test_mixture_epochs_and_the_iterator_resumes_exactly(tok):
     for want in expected:
         got = next(resumed)
         assert all(np.array_equal(got[k], want[k]) for k in cp.BATCH_KEYS)
+
+
+def test_a_source_weight_is_its_share_of_the_mixture_size():
+    dc = sft.base_sft_config().data
+    dc.sources = {"identity": dict(kind="identity", weight=0.5, held_out=20),
+                  "spelling": dict(kind="spelling", path=WORDS, epochs=2.0, n=40)}
+    dc.mixture_size = 100
+    train, _, epochs, questions, assistant, _ = sft.load_mixture(dc, 0.0)
+    # 120 paraphrases - 20 held out + 4 capability questions = 104 identity conversations; 0.5 * 100 of them.
+    assert len(train["identity"]) == 104 and epochs == {"identity": 50 / 104, "spelling": 2.0}
+    assert len(questions) == 20 and assistant == "Tiny"
+    dc.sources.spelling.weight = 0.5
+    with pytest.raises(ValueError, match="either epochs or weight"):
+        sft.load_mixture(dc, 0.0)
 
 
 # ----------------------------------------------------------------------------- sources

@@ -4,9 +4,9 @@ Legend: B rows per batch on this process, T = seq_len, W = T + 1 (a row holds th
 inputs and, shifted by one, the targets).
 
     mixture {source: conversations, epochs}  -> render each once (chat format + loss mask),
-    drop and count the ones longer than W    -> one mixture epoch of indices (`epoch_indices`)
-    -> shuffle(seed, reshuffled every epoch), repeat, this process's slice
-    -> groups of `pack_window` conversations -> best-fit rows (`pack_rows`) -> batch B
+    drop and count the ones longer than W    -> mixture epochs of indices (`epoch_indices`, each
+    shuffled, fractional parts redrawn)      -> this process's slice of the stream
+    -> groups of `pack_window` conversations -> best-fit rows (`best_fit_rows`, no crop) -> batch B
 
 * Rendering is the tokenizer's (`render_conversation`): the mask is 1 on the
   assistant's content, its tool calls and the token that closes its turn, 0 on
@@ -25,7 +25,6 @@ inputs and, shifted by one, the targets).
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import logging
@@ -37,7 +36,7 @@ import grain
 import numpy as np
 
 from llm.data.conversations import Conversation
-from llm.data.pipeline import _process_slice
+from llm.data.pipeline import _process_slice, best_fit_rows
 from llm.data.sources import validation_mask
 from llm.tokenizer import Tokenizer
 
@@ -98,10 +97,12 @@ def split_keys(conversations: Sequence[Conversation], val_fraction: float) -> tu
     return [c for c, h in zip(conversations, held) if not h], [c for c, h in zip(conversations, held) if h]
 
 
-def epoch_indices(rendered: Rendered, epochs: Mapping[str, float], seed: int = 0) -> np.ndarray:
-    """One mixture epoch: each source's conversations `epochs[source]` times (2.5: twice, then a random half).
+def epoch_indices(rendered: Rendered, epochs: Mapping[str, float], seed: int = 0, epoch: int = 0) -> np.ndarray:
+    """Mixture epoch `epoch`: each source's conversations `epochs[source]` times (2.5: twice, then a random half).
 
-    The random part is drawn once: every mixture epoch repeats the same subset (reshuffled).
+    The fractional part is drawn again every mixture epoch (from `seed` and
+    `epoch`), so over many epochs every conversation of the source is seen; the
+    count per source, and so the epoch's length, is the same every epoch.
     """
     picked = []
     for name, times in epochs.items():
@@ -111,7 +112,7 @@ def epoch_indices(rendered: Rendered, epochs: Mapping[str, float], seed: int = 0
         whole, fraction = divmod(float(times), 1.0)
         picked += [ids] * int(whole)
         if fraction and len(ids):
-            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            rng = np.random.default_rng([seed, epoch, zlib.crc32(name.encode())])
             picked.append(np.sort(rng.choice(ids, int(round(fraction * len(ids))), replace=False)))
     indices = np.concatenate(picked) if picked else np.zeros(0, np.int64)
     if not len(indices):
@@ -119,41 +120,38 @@ def epoch_indices(rendered: Rendered, epochs: Mapping[str, float], seed: int = 0
     return indices
 
 
-def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
-    """Best-fit rows of conversation indices, never splitting one: every index < len(lengths) exactly once.
+@dataclasses.dataclass
+class _MixtureStream(grain.transforms.MapWithIndex):
+    """Position k of the index stream -> the conversation at k % n of mixture epoch k // n (shuffled per epoch)."""
 
-    Each row takes the longest remaining conversation that fits its space left,
-    until none fits; then the row is closed and padded. Every length must be <= width.
-    """
-    remaining = sorted((int(n), i) for i, n in enumerate(lengths))
-    if remaining and remaining[-1][0] > width:
-        raise ValueError(f"conversation {remaining[-1][1]} has {remaining[-1][0]} tokens, more than a row of {width}")
-    rows = []
-    while remaining:
-        row, space = [], width
-        while remaining:
-            k = bisect.bisect_right(remaining, (space, len(lengths))) - 1
-            if k < 0:
-                break
-            n, i = remaining.pop(k)
-            row.append(i)
-            space -= n
-        rows.append(row)
-    return rows
+    rendered: Rendered
+    epochs: Mapping[str, float]
+    seed: int
+    shuffle: bool
+    _cached: tuple[int, np.ndarray] | None = None  # the epoch being read; the stream reads them in order
+
+    def map_with_index(self, k: int, _) -> int:
+        n = len(self.epoch(0))
+        return int(self.epoch(k // n)[k % n])
+
+    def epoch(self, e: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != e:
+            ids = epoch_indices(self.rendered, self.epochs, self.seed, e)
+            self._cached = (e, np.random.default_rng([self.seed, e]).permutation(ids) if self.shuffle else ids)
+        return self._cached[1]
 
 
 def pack(rendered: Rendered, indices: Sequence[int], width: int) -> list[dict[str, np.ndarray]]:
-    """Rows {inputs, targets, loss_mask, segment_ids, positions} (int32 [W - 1]) of these conversations."""
+    """Rows {inputs, targets, loss_mask, segment_ids, positions} (int32 [W - 1]) of these conversations, none split."""
     out = []
-    for row in pack_rows([len(rendered.tokens[i]) for i in indices], width):
+    for row in best_fit_rows([len(rendered.tokens[i]) for i in indices], width, crop=False):
         tokens_W = np.zeros(width, np.int32)
         mask_W = np.zeros(width, np.int32)
         segments_W = np.zeros(width, np.int32)
         positions_W = np.zeros(width, np.int32)
         start = 0
-        for segment, j in enumerate(row, 1):
+        for segment, (j, n) in enumerate(row, 1):
             i = indices[j]
-            n = len(rendered.tokens[i])
             tokens_W[start:start + n] = rendered.tokens[i]
             mask_W[start:start + n] = rendered.masks[i]
             segments_W[start:start + n] = segment
@@ -179,7 +177,7 @@ class _Pack(grain.experimental.FlatMapTransform):
 
 def make_chat_pipeline(
     rendered: Rendered,
-    indices: np.ndarray,
+    epochs: Mapping[str, float],
     *,
     seq_len: int,
     batch_size: int,
@@ -192,19 +190,22 @@ def make_chat_pipeline(
 ) -> grain.IterDataset:
     """Batches of packed conversations (dicts of int32 [batch_size // process_count, seq_len]); `iter` is checkpointable.
 
-    `indices` is one mixture epoch (`epoch_indices`); `num_epochs=None` repeats it
-    forever, reshuffled every epoch. Processes take disjoint slices of the index
-    stream. Rows are packed from groups of `pack_window` consecutive conversations.
+    The index stream is mixture epoch after mixture epoch (`epoch_indices`, each
+    shuffled and its fractional parts drawn anew); `num_epochs=None` never ends.
+    Processes take disjoint slices of the stream. Rows are packed from groups of
+    `pack_window` consecutive conversations.
     """
     index, count = _process_slice(process_index, process_count)
     if batch_size % count:
         raise ValueError(f"global batch_size {batch_size} is not divisible by the {count} processes")
-    longest = max(len(rendered.tokens[i]) for i in indices)
+    used = [i for name, times in epochs.items() if times > 0 for i in rendered.of(name)]
+    longest = max((len(rendered.tokens[i]) for i in used), default=0)
     if longest > seq_len + 1:
         raise ValueError(f"a conversation of {longest} tokens does not fit a row of seq_len + 1 = {seq_len + 1}: "
                          f"render with max_tokens=seq_len + 1")
-    ds = grain.MapDataset.source(np.asarray(indices, np.int64))
-    ds = (ds.shuffle(seed) if shuffle else ds).repeat(num_epochs)[index::count]
+    per_epoch = len(epoch_indices(rendered, epochs, seed))
+    ds = grain.MapDataset.range(per_epoch).repeat(num_epochs).map_with_index(
+        _MixtureStream(rendered, dict(epochs), seed, shuffle))[index::count]
     ds = ds.batch(pack_window, batch_fn=list).to_iter_dataset()
     ds = grain.experimental.FlatMapIterDataset(ds, _Pack(rendered, seq_len + 1))
     if shuffle:  # best fit emits long-first rows; mix them

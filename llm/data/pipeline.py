@@ -55,6 +55,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import grain
@@ -179,15 +180,20 @@ def _is_full(window: dict[str, np.ndarray]) -> bool:
     return bool(window["tokens_segment_ids"][-1])
 
 
-def best_fit_rows(lengths: np.ndarray, width: int) -> list[list[tuple[int, int]]]:
-    """nanochat's BOS-aligned best fit: per row, (document, tokens taken from its start) pairs filling `width` exactly.
+def best_fit_rows(lengths: Sequence[int], width: int, *, crop: bool = True) -> list[list[tuple[int, int]]]:
+    """nanochat's BOS-aligned best fit: per row, (document, tokens taken from its start) pairs.
 
-    Each row takes the longest remaining document that fits the space left; when
-    none fits, the shortest remaining one is cropped to fill the row. The last row
-    is dropped if the documents run out before it is full.
+    Each row takes the longest remaining document that fits the space left. When
+    none fits, `crop=True` (pretraining) crops the shortest remaining one to fill
+    the row exactly, and drops the last row if the documents run out before it is
+    full; `crop=False` (conversations, never split) closes the row short, to be
+    padded, and every document lands whole in exactly one row.
     """
     # (length, document) sorted, so "longest that fits" and "shortest" are bisections.
     remaining = sorted((int(n), i) for i, n in enumerate(lengths))
+    if not crop and remaining and remaining[-1][0] > width:
+        n, doc = remaining[-1]
+        raise ValueError(f"document {doc} has {n} tokens, more than a row of {width}")
     rows = []
     while remaining:
         row, space = [], width
@@ -197,11 +203,13 @@ def best_fit_rows(lengths: np.ndarray, width: int) -> list[list[tuple[int, int]]
                 n, doc = remaining.pop(k)
                 row.append((doc, n))
                 space -= n
-            else:
+            elif crop:
                 _, doc = remaining.pop(0)
                 row.append((doc, space))
                 space = 0
-        if space == 0:
+            else:
+                break
+        if space == 0 or not crop:
             rows.append(row)
     return rows
 

@@ -3,7 +3,7 @@
     python -m launch.sft --config configs/sft_tiny.py --workdir runs/sft
 
 What is the stage's own: the conversation mixture (`config.data.sources`, each
-`{kind, path, epochs, ...}`; see `llm/data/conversations.py`), rendered in the
+`{kind, path, epochs or weight, ...}`; see `llm/data/conversations.py`), rendered in the
 model's chat format and packed without splitting a conversation
 (`llm/data/chat_pipeline.py`); validation loss per source on held-out
 conversations (assistant tokens only); greedy chat figures on held-out prompts
@@ -55,18 +55,19 @@ def base_sft_config(model: str = "tiny", sharding: str = "fsdp", data_dir: str =
         val_fraction=0.1,  # of each source's conversations, by a hash of their keys
         pack_window=256,  # conversations packed together (best fit) at a time
         num_shards=0,
-        # Each source: kind (openai, sharegpt, oasst, hub, gsm8k, identity, spelling), path, epochs per
-        # mixture epoch (0.5: a random half), and the reader's own options (`conversations.open_conversations`).
+        # Each source: kind (openai, sharegpt, oasst, hub, gsm8k, identity, spelling), path, and how much of it a
+        # mixture epoch holds: `epochs` (times its conversations: 0.5 is a random half, redrawn every mixture
+        # epoch) or `weight` (a share of `mixture_size` conversations); the rest are the reader's options
+        # (`conversations.open_conversations`; identity: who the assistant is, and paraphrases held out).
         sources=dict(
             oasst=dict(kind="oasst", path=f"{data_dir}/chat/oasst1_en_validation.jsonl", epochs=2.0),
             gsm8k=dict(kind="gsm8k", path=f"{data_dir}/gsm8k/train.jsonl", epochs=0.1),
-            identity=dict(kind="identity", epochs=3.0),
+            identity=dict(kind="identity", epochs=3.0, name="Tiny", creator="the llm project",
+                          can="answer questions, chat, and do arithmetic with a calculator",
+                          cannot="browse the internet, remember past conversations, or see images", held_out=20),
             spelling=dict(kind="spelling", path=f"{data_dir}/words/words_alpha.zip", epochs=1.0, n=400),
         ),
-        identity=dict(name="Tiny", creator="the llm project",
-                      can="answer questions, chat, and do arithmetic with a calculator",
-                      cannot="browse the internet, remember past conversations, or see images"),
-        identity_held_out=20,  # paraphrases never trained on, asked at evaluation
+        mixture_size=0,  # conversations per mixture epoch that the `weight` sources share
     ))
     config.train.update(
         sample_prompts=("What is your name?", "What is 12 times 7?",
@@ -80,20 +81,34 @@ def base_sft_config(model: str = "tiny", sharding: str = "fsdp", data_dir: str =
 
 
 def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
-                 ) -> tuple[dict[str, list], dict[str, list], dict[str, float], list[str], list[str]]:
-    """(train and validation conversations per source, epochs per source, held-out identity questions, log lines)."""
-    train, val, epochs, questions, lines = {}, {}, {}, [], []
+                 ) -> tuple[dict[str, list], dict[str, list], dict[str, float], list[str], str, list[str]]:
+    """(train and validation conversations per source, epochs per source, held-out identity questions,
+    the assistant's name, log lines).
+
+    A source's `weight` w becomes epochs w * mixture_size / (its training conversations).
+    """
+    train, val, epochs, questions, name_of_assistant, lines = {}, {}, {}, [], "", []
     for name, spec in dc.sources.items():
-        options = {k: v for k, v in spec.items() if k not in ("kind", "path", "epochs")}
+        if ("epochs" in spec) == ("weight" in spec):
+            raise ValueError(f"data.sources.{name}: give either epochs or weight, got {sorted(spec.keys())}")
+        options = {k: v for k, v in spec.items() if k not in ("kind", "path", "epochs", "weight")}
         if spec.kind == "identity":
-            found, questions = conv.identity(conv.IdentitySpec(**dc.identity.to_dict()), held_out=dc.identity_held_out,
-                                             seed=options.get("seed", 0))
+            held_out, seed = options.pop("held_out", 20), options.pop("seed", 0)
+            identity = conv.IdentitySpec(**options)
+            found, questions = conv.identity(identity, held_out=held_out, seed=seed)
+            name_of_assistant = identity.name
         else:
             found = conv.open_conversations(spec.kind, spec.get("path", ""), **options)
         train[name], val[name] = cp.split_keys(found.items, val_fraction)
-        epochs[name] = float(spec.epochs)
-        lines.append(f"{name} ({spec.kind}): {found.describe()}")
-    return train, val, epochs, questions, lines
+        if "weight" in spec:
+            if dc.mixture_size <= 0 or spec.weight < 0:
+                raise ValueError(f"data.sources.{name}.weight={spec.weight} needs data.mixture_size > 0 "
+                                 f"(got {dc.mixture_size}) and a weight >= 0")
+            epochs[name] = spec.weight * dc.mixture_size / max(len(train[name]), 1)
+        else:
+            epochs[name] = float(spec.epochs)
+        lines.append(f"{name} ({spec.kind}, {epochs[name]:.3g} epochs): {found.describe()}")
+    return train, val, epochs, questions, name_of_assistant, lines
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
@@ -121,17 +136,16 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     micro_batch = dc.batch_size // tc.grad_accum
     width = dc.seq_len + 1
 
-    train_mix, val_mix, epochs, identity_questions, lines = load_mixture(dc, dc.val_fraction)
+    train_mix, val_mix, epochs, identity_questions, assistant, lines = load_mixture(dc, dc.val_fraction)
     train, val = cp.render(train_mix, tokenizer, width), cp.render(val_mix, tokenizer, width)
-    indices = cp.epoch_indices(train, epochs, config.seed)
-    described = (f"{len(indices)} conversations per mixture epoch; train: {train.describe()}; "
+    described = (f"{len(cp.epoch_indices(train, epochs, config.seed))} conversations per mixture epoch; train: {train.describe()}; "
                  f"validation: {val.describe()}; sequence {dc.seq_len}, batch {dc.batch_size}")
     if jax.process_index() == 0:
         print("sft data:\n  " + "\n  ".join(lines) + "\n  " + described)
 
     num_shards = dc.num_shards or jax.process_count()
     batches = HostBatches(
-        lambda i, n: cp.make_chat_pipeline(train, indices, seq_len=dc.seq_len, batch_size=micro_batch,
+        lambda i, n: cp.make_chat_pipeline(train, epochs, seq_len=dc.seq_len, batch_size=micro_batch,
                                            seed=config.seed, pack_window=dc.pack_window, process_index=i,
                                            process_count=n),
         num_shards, jax.process_index(), jax.process_count())
@@ -140,12 +154,13 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     eval_fn = jax.jit(lambda params, batch: _eval_sums(cfg, params, batch, mesh, rules),
                       out_shardings=NamedSharding(mesh, PartitionSpec()))
     prompts = chat_prompts(tc, identity_questions, tokenizer, cfg.max_seq_len)
+    val_batches = validation_batches(val, width, micro_batch)
 
     def evaluate(params) -> dict[str, float]:
-        figures = validation_losses(eval_fn, params, val, width, micro_batch, mesh, rules)
+        figures = validation_losses(eval_fn, params, val_batches, sharding.batch_sharding(mesh, rules))
         if tc.chat_eval:
             host = sharding.gather_to_host(params)
-            figures |= chat_figures(cfg, host, tokenizer, prompts, dc.identity.name, tc.chat_eval_tokens)
+            figures |= chat_figures(cfg, host, tokenizer, prompts, assistant, tc.chat_eval_tokens)
         return figures
 
     return loop.Stage(
@@ -190,25 +205,30 @@ def _eval_sums(cfg, params, batch, mesh, rules):
     return loss_sum, count
 
 
-def validation_losses(eval_fn, params, val: cp.Rendered, width: int, micro_batch: int, mesh, rules
-                      ) -> dict[str, float]:
-    """Loss per assistant token on each source's held-out conversations (`val_loss/<source>`) and over all (`val_loss`).
+def validation_batches(val: cp.Rendered, width: int, micro_batch: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    """This process's batches of each source's held-out conversations, packed once for every evaluation.
 
-    Each process evaluates its slice of the same rows, padded to the same number of
+    Each process takes its slice of the same rows, padded to the same number of
     batches with rows that train nothing, so the collectives line up.
     """
-    figures, total_sum, total_count = {}, 0.0, 0.0
-    placement = sharding.batch_sharding(mesh, rules)
     local = micro_batch // jax.process_count()
+    out = {}
     for name in dict.fromkeys(val.sources):
         rows = cp.pack(val, val.of(name), width)
         n_batches = -(-len(rows) // micro_batch)
-        mine = rows[jax.process_index()::jax.process_count()]
-        batches = cp.padded_batches(mine, local)
+        batches = cp.padded_batches(rows[jax.process_index()::jax.process_count()], local)
         empty = {k: np.zeros_like(v) for k, v in (batches[0] if batches else cp.batch_spec(width - 1, local)).items()}
-        batches += [empty] * (n_batches - len(batches))
+        out[name] = batches + [empty] * (n_batches - len(batches))
+    return out
+
+
+def validation_losses(eval_fn, params, batches: dict[str, list[dict[str, np.ndarray]]], placement
+                      ) -> dict[str, float]:
+    """Loss per assistant token on each source's held-out conversations (`val_loss/<source>`) and over all (`val_loss`)."""
+    figures, total_sum, total_count = {}, 0.0, 0.0
+    for name, source_batches in batches.items():
         loss_sum = count = 0.0
-        for batch in batches:
+        for batch in source_batches:
             batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(placement, x), batch)
             s, c = jax.device_get(eval_fn(params, batch))
             loss_sum, count = loss_sum + float(s), count + float(c)
