@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm import hf, hf_tokenizer
+from llm import hf, hf_tokenizer, model
 from llm.config import ModelConfig
 from llm.tokenizer import ChatTemplate, Tokenizer
 
@@ -87,7 +87,9 @@ def resolve_gguf(source: str, revision: str | None = None) -> str:
     """A local `.gguf` path as is; a hub file (`owner/repo/file.gguf`, or `owner/repo[:QUANT]` of a GGUF repo) downloaded."""
     if os.path.isfile(source):
         return source
-    if source.startswith((".", "/", "~")) or os.path.exists(source) or source.count("/") < 1:
+    # A path whose first folder exists here is local, though it has a hub id's shape (runs/x/model.gguf).
+    if source.startswith((".", "/", "~")) or os.path.exists(source) or source.count("/") < 1 or os.path.isdir(
+            source.split("/")[0]):
         raise FileNotFoundError(f"no GGUF file at {source}")
     import huggingface_hub
 
@@ -156,7 +158,7 @@ def load_gguf(source: str, *, tokenizer: str | None = None, **model_overrides: A
     tensors = {t.name: t for t in reader.tensors}
     cfg = model_config(path, meta, tensors, **model_overrides)
     params = hf.params_from_hf(cfg, _hf_tensors(path, cfg, tensors))
-    tok = Tokenizer.load(tokenizer) if tokenizer else read_tokenizer(path, reader)
+    tok = Tokenizer.load(tokenizer) if tokenizer else read_tokenizer(path, reader, meta)
     if tok.n_vocab > cfg.vocab_size:
         raise GGUFError(f"{path}: the tokenizer has {tok.n_vocab} ids but token_embd.weight only {cfg.vocab_size} rows")
     return cfg, jax.tree.map(jnp.asarray, params), tok
@@ -211,16 +213,9 @@ def _f32(value: float) -> float:
 
 
 def rope_factors(cfg: ModelConfig) -> np.ndarray:
-    """llama.cpp's `rope_freqs`: per frequency, the divisor of the Llama-3.1 scaled RoPE."""
-    half = cfg.head_dim // 2
-    freqs = 1.0 / cfg.rope_theta ** (np.arange(half) * 2.0 / cfg.head_dim)
-    wavelen = 2 * np.pi / freqs
-    low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
-    high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
-    smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
-        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-    mid = 1.0 / ((1 - smooth) / cfg.rope_factor + smooth)
-    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, cfg.rope_factor, mid)).astype(np.float32)
+    """llama.cpp's `rope_freqs`: per frequency, the divisor of the Llama-3.1 scaled RoPE (`model.rope_frequencies`)."""
+    unscaled = model.rope_frequencies(dataclasses.replace(cfg, rope_factor=1.0))
+    return np.asarray(unscaled / model.rope_frequencies(cfg), np.float32)
 
 
 def _rope_scaling(path: str, meta: Mapping[str, Any], factors: np.ndarray, theta: float, head_dim: int) -> dict:
@@ -308,20 +303,21 @@ def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict
     return out
 
 
-def read_tokenizer(path: str, reader) -> Tokenizer:
-    """The file's byte-level BPE (`tokenizer.ggml.*`) as a Tokenizer, with its chat template and document tokens."""
+def read_tokenizer(path: str, reader, meta: Mapping[str, Any]) -> Tokenizer:
+    """The file's byte-level BPE (`tokenizer.ggml.*`) as a Tokenizer, with its chat template and document tokens.
+
+    `meta` is `metadata(reader)`, read once by the caller.
+    """
     fields = reader.fields
 
     def strings(key: str) -> list[str]:
         if key not in fields:
             raise GGUFError(f"{path}: metadata {key} is missing")
-        field = fields[key]
-        return [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
+        return fields[key].contents()
 
-    meta = metadata(reader)
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GGUFError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in hf_tokenizer.PRE_TOKENIZERS:
         raise GGUFError(f"{path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer this project does not support "

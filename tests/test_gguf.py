@@ -198,6 +198,16 @@ def test_rope_scaling_is_recovered_from_rope_freqs_alone():
                    max_seq_len=8, rope_theta=500_000.0, rope_factor=8.0, rope_low_freq_factor=1.0,
                    rope_high_freq_factor=4.0, rope_original_max_len=8192)
     cfg = model.ModelConfig(**llama31)
+    # The factors llama.cpp stores are transformers' unscaled over llama3-scaled inverse frequencies.
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                      max_position_embeddings=131072, rope_theta=500_000.0, rope_scaling=dict(
+                                          rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    unscaled = 1.0 / 500_000.0 ** (np.arange(0, 128, 2) / 128)
+    np.testing.assert_allclose(gguf.rope_factors(cfg), unscaled / scaled.numpy(), rtol=1e-5)
     found = gguf._rope_scaling("x.gguf", {}, gguf.rope_factors(cfg), cfg.rope_theta, cfg.head_dim)
     np.testing.assert_allclose(gguf.rope_factors(dataclasses.replace(cfg, **found)), gguf.rope_factors(cfg), rtol=1e-4)
 
@@ -218,8 +228,14 @@ def test_export_cli_and_load_release_accept_gguf(tiny_tok, tmp_path, capsys):
     np.testing.assert_allclose(_logits(cfg3, params3, PROMPT), _logits(cfg, params, PROMPT), atol=1e-5)
 
 
-def test_gguf_hub_id_offline_is_a_clear_error(monkeypatch):
+def test_gguf_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     import huggingface_hub
+
+    # A missing file under a local folder is a missing file, not a hub id of that shape.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="no GGUF file at runs/x/model.gguf"):
+        load_release("runs/x/model.gguf")
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="could not fetch 'someone/Some-Model-GGUF/model.Q4_0.gguf'.*Offline"):
