@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg, params, tokenizer = sampling_flags.load(args)
     engine = Engine(cfg, params, tokenizer)
-    prompt = [*tokenizer.bos, *tokenizer.encode(args.prompt)]
+    prompt = [*tokenizer.document_start, *tokenizer.encode(args.prompt)]
     sampling = sampling_flags.sampling_params(args, stop_token_ids=(tokenizer.eot,), n=args.n)
     stream = None
     if args.n == 1:

@@ -376,6 +376,16 @@ class Tokenizer:
         return [] if self.bos_token is None else [self.token_id(self.bos_token)]
 
     @property
+    def document_start(self) -> list[int]:
+        """What every pretraining document and base-model prompt starts with: `bos`, else the end-of-text token.
+
+        Ours and GPT-2's start documents with `<|endoftext|>` (their `bos`), Llama 3
+        with `<|begin_of_text|>`; a model without a BOS (SmolLM2) saw documents
+        separated by its end-of-text token, so that marks the start.
+        """
+        return self.bos or [self.eot]
+
+    @property
     def end_of_turn(self) -> int:
         """The token that ends a chat turn, where a sampler stops."""
         return self.token_id(self._pieces(self._template().footer)[0])

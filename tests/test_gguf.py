@@ -446,6 +446,7 @@ def test_llama3_template_is_read_from_its_jinja(tiny_tok):
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert tok.end_of_turn == 304 and tok.bos == [300] and tok.eot == 301
+    assert tok.document_start == [300]  # documents start with Llama 3's BOS, not its end-of-text
     assert ChatTemplate.from_jinja("{{ messages }}", special) is None
 
 
@@ -458,6 +459,7 @@ def test_tokenizer_with_a_foreign_template_saves_and_loads(tmp_path):
     tok.save(tmp_path / "t.tiktoken")
     back = Tokenizer.load(tmp_path / "t.tiktoken")
     assert back.chat_template == template and back.bos == [] and back.eot == 1 and back.n_vocab == 258
+    assert back.document_start == [1]  # no BOS: the end-of-text token separates documents
     assert back.render_for_completion(CONVERSATION[:1]) == tok.render_for_completion(CONVERSATION[:1])
 
 

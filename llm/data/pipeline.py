@@ -7,7 +7,7 @@ Text sources (parquet, JSONL, the bundled sample, FineWeb from the hub):
 
   chunks (row groups) -> shuffle(seed), repeat -> this process's chunks
   -> read, drop and count empty/undecodable rows, keep this split's documents
-  -> tokenize in a batch per chunk, `<|endoftext|>` before every document
+  -> tokenize in a batch per chunk, `Tokenizer.document_start` before every document
   -> pack into windows of W -> window shuffle(seed) -> batch B -> worker processes
 
 * Per-host slices are taken on chunks, before any reading, so each process reads
@@ -73,7 +73,7 @@ DROPPED_KEY = "dropped_rows"
 
 @dataclasses.dataclass(frozen=True)
 class _TokenizeChunk(grain.transforms.Map):
-    """A chunk -> this split's documents as one token stream, each document preceded by `<|endoftext|>`."""
+    """A chunk -> this split's documents as one token stream, each preceded by `Tokenizer.document_start`."""
 
     source: Source
     tokenizer: Tokenizer
@@ -85,9 +85,9 @@ class _TokenizeChunk(grain.transforms.Map):
         rows = self.source.read(chunk)
         in_validation = sources_lib.validation_mask(rows.keys, self.val_fraction)
         texts = [t for t, v in zip(rows.texts, in_validation) if v == (self.split == "validation")]
-        eot = np.array([self.tokenizer.eot], np.int32)
+        start = np.array(self.tokenizer.document_start, np.int32)
         docs = [
-            np.concatenate([eot, np.asarray(ids, np.int32)]) for ids in self.tokenizer.encode_batch(texts, self.threads)
+            np.concatenate([start, np.asarray(ids, np.int32)]) for ids in self.tokenizer.encode_batch(texts, self.threads)
         ]
         return {
             "tokens": np.concatenate(docs) if docs else np.zeros(0, np.int32),

@@ -2,7 +2,7 @@
 
 For runs where tokenizing on the fly would cost more CPU than the hosts have:
 documents are tokenized once, in the source's order, each preceded by
-`<|endoftext|>`, split into train and validation by the same document hash as
+`Tokenizer.document_start`, split into train and validation by the same document hash as
 the on-the-fly pipeline, and written as shards of about `shard_tokens` tokens.
 The manifest is written last, so a folder with a manifest is complete.
 """
@@ -24,13 +24,13 @@ from llm.tokenizer import Tokenizer
 
 
 def _tokenize_chunk(source: Source, tokenizer: Tokenizer, chunk: Chunk, val_fraction: float):
-    """A chunk -> (train tokens, validation tokens, counts), documents preceded by `<|endoftext|>`."""
+    """A chunk -> (train tokens, validation tokens, counts), documents preceded by `Tokenizer.document_start`."""
     rows = source.read(chunk)
     in_validation = sources_lib.validation_mask(rows.keys, val_fraction)
     streams = {}
     for split, wanted in (("train", False), ("validation", True)):
         texts = [t for t, v in zip(rows.texts, in_validation) if v == wanted]
-        ids = [[tokenizer.eot, *doc] for doc in tokenizer.encode_batch(texts, num_threads=1)]
+        ids = [[*tokenizer.document_start, *doc] for doc in tokenizer.encode_batch(texts, num_threads=1)]
         streams[split] = np.fromiter((i for doc in ids for i in doc), np.int32)
     counts = collections.Counter(
         documents=len(rows.texts), empty=rows.n_empty, undecodable=rows.n_undecodable, unreadable=rows.n_unreadable

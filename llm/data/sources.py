@@ -321,7 +321,7 @@ MANIFEST = "manifest.json"
 
 @dataclasses.dataclass(frozen=True)
 class TokenShardSource:
-    """Shards written by `prepare`: documents already tokenized, each preceded by `<|endoftext|>`."""
+    """Shards written by `prepare`: documents already tokenized, each preceded by `Tokenizer.document_start`."""
 
     directory: str
 

@@ -153,6 +153,6 @@ def validate(eval_fn, params, val_pipeline, max_batches: int, mesh, rules) -> di
 def sample_texts(cfg, params, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations of fixed prompts from host params (`sharding.gather_to_host`)."""
     engine = Engine(cfg, jax.device_put(params, jax.local_devices()[0]), tokenizer)
-    encoded = [[tokenizer.eot, *tokenizer.encode(p)] for p in prompts]
+    encoded = [[*tokenizer.document_start, *tokenizer.encode(p)] for p in prompts]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=(tokenizer.eot,))
     return [p + s.text for p, [s] in zip(prompts, engine.generate(encoded, sampling))]
