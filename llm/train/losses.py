@@ -51,3 +51,109 @@ def lm_loss(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array | None =
     # `where`, not a product: a masked-out target can never bring an inf or NaN into the sum.
     nll_sum = -jnp.sum(jnp.where(weights_BxT > 0, logprobs_BxT * weights_BxT, 0.0))
     return nll_sum, jnp.sum(weights_BxT), {}
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def grpo_loss(
+    logprobs_BxT: jax.Array,
+    old_logprobs_BxT: jax.Array,
+    advantages_B: jax.Array,
+    mask_BxT: jax.Array,
+    *,
+    ref_logprobs_BxT: jax.Array | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    kl_beta: float = 0.0,
+    aggregation: str = "token",
+    segment_ids_BxT: jax.Array | None = None,
+    constant_length: int | None = None,
+) -> LossOutput:
+    """The clipped policy-gradient loss of GRPO as (summed loss, normalizer, aux sums).
+
+    Per token: ratio `r = exp(logp - old_logp)`, objective `min(r A, clip(r, 1 - eps_low,
+    1 + eps_high) A)` (PPO's pessimistic bound, Schulman et al. 2017, with DAPO's
+    asymmetric "clip-higher", Yu et al. 2025), loss = -objective + kl_beta * k3, where
+    k3 = exp(ref - logp) - (ref - logp) - 1 is Schulman's unbiased, positive KL
+    estimator used by GRPO (Shao et al. 2024, DeepSeekMath eq. 4). The step divides
+    the summed loss by the summed normalizer, so the aggregation is a choice of both:
+
+    - "token" (DAPO, the default): every completion token of the step weighs the
+      same; normalizer = number of masked tokens.
+    - "sequence" (GRPO's paper): each sequence's token mean, averaged over
+      sequences; normalizer = number of sequences with a masked token.
+    - "constant" (Dr. GRPO, Liu et al. 2025): token sums over a constant, the
+      sequence count times `constant_length` (default T, the mask's width), so
+      a long wrong answer is not penalised less per token than a short one.
+
+    `advantages_B` may also be [B, T] (one value per token): packed rows hold
+    several sequences, whose ids `segment_ids_BxT` tell "sequence" aggregation
+    apart (without them a row is one sequence). Masked tokens (prompts, padding,
+    tool outputs the engine forced) get exactly zero gradient: their log-ratios
+    are replaced by 0 before anything else touches them, so even an inf or NaN
+    there cannot leak. Aux sums: `tokens`, `clipped_tokens` (the clipped term won
+    the min, so the token gave no gradient), `kl` (k3 summed; 0 without a
+    reference), `neg_logprob` (summed -logp of the sampled tokens: over
+    `tokens`, a Monte-Carlo estimate of the policy's entropy) and `sequences`.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if kl_beta and ref_logprobs_BxT is None:
+        raise ValueError("kl_beta > 0 needs ref_logprobs_BxT (the frozen reference's log-probabilities)")
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    on_BxT = mask_BxT > 0
+    adv_BxT = jnp.broadcast_to(advantages_B[:, None] if advantages_B.ndim == 1 else advantages_B, mask_BxT.shape)
+    adv_BxT = jnp.where(on_BxT, adv_BxT, 0.0)
+    log_ratio_BxT = jnp.where(on_BxT, logprobs_BxT - old_logprobs_BxT, 0.0)
+    ratio_BxT = jnp.exp(log_ratio_BxT)
+    unclipped_BxT = ratio_BxT * adv_BxT
+    clipped_BxT = jnp.clip(ratio_BxT, 1.0 - eps_low, 1.0 + eps_high) * adv_BxT
+    loss_BxT = -jnp.minimum(unclipped_BxT, clipped_BxT)
+    kl_BxT = jnp.zeros_like(loss_BxT)
+    if ref_logprobs_BxT is not None:
+        ref_minus_BxT = jnp.where(on_BxT, ref_logprobs_BxT - logprobs_BxT, 0.0)
+        kl_BxT = jnp.exp(ref_minus_BxT) - ref_minus_BxT - 1.0
+        if kl_beta:
+            loss_BxT = loss_BxT + kl_beta * kl_BxT
+
+    # Each token's weight in its sequence: 1 / (masked tokens of its sequence), so a
+    # sequence's weights sum to 1 and the sum of all weights counts the sequences.
+    if segment_ids_BxT is None:
+        per_sequence_BxT = jnp.broadcast_to(mask_BxT.sum(axis=1, keepdims=True), mask_BxT.shape)
+    else:
+        same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        per_sequence_BxT = jnp.einsum("bts,bs->bt", same_BxTxT.astype(jnp.float32), mask_BxT)
+    share_BxT = jnp.where(on_BxT, mask_BxT / jnp.where(on_BxT, per_sequence_BxT, 1.0), 0.0)
+    sequences = share_BxT.sum()
+    weighted = jnp.where(on_BxT, loss_BxT * mask_BxT, 0.0)
+    if aggregation == "token":
+        summed, normalizer = weighted.sum(), mask_BxT.sum()
+    elif aggregation == "sequence":
+        summed, normalizer = jnp.where(on_BxT, loss_BxT * share_BxT, 0.0).sum(), sequences
+    else:
+        summed = weighted.sum()
+        normalizer = sequences * (constant_length or mask_BxT.shape[1])
+    aux = {
+        "tokens": mask_BxT.sum(),
+        "sequences": sequences,
+        "clipped_tokens": jnp.sum(jnp.where(on_BxT & (clipped_BxT < unclipped_BxT), mask_BxT, 0.0)),
+        "kl": jnp.sum(jnp.where(on_BxT, kl_BxT * mask_BxT, 0.0)),
+        "neg_logprob": -jnp.sum(jnp.where(on_BxT, logprobs_BxT * mask_BxT, 0.0)),
+    }
+    return summed, normalizer, aux
+
+
+def grpo_loss_fn(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array | None = None, **options) -> LossOutput:
+    """`grpo_loss` of the policy's log-probabilities on a rollout micro-batch; bind cfg and options with partial.
+
+    The micro-batch: `inputs`, `targets`, `loss_mask` (1 on sampled completion
+    tokens), `old_logprobs` and `advantages` (per row, or per token), optionally
+    `ref_logprobs`, `positions` and `segment_ids`.
+    """
+    del rng
+    return grpo_loss(token_logprobs(cfg, params, batch), batch["old_logprobs"], batch["advantages"],
+                     batch["loss_mask"], ref_logprobs_BxT=batch.get("ref_logprobs"),
+                     segment_ids_BxT=batch.get("segment_ids"), **options)

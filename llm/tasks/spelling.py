@@ -1,0 +1,72 @@
+"""Letter counting ("How many times does the letter 'r' appear in the word "strawberry"?"): problems and grading.
+
+    problems(read_words("../shared/data/words/words_alpha.zip"), 200, split="test")
+    grade(problem, "Spelling strawberry: s,t,r,... #### 3")  -> True
+
+The prompt is word for word the SFT mixture's (`conversations.spelling_messages`),
+so a model fine-tuned on that mixture answers in its format from the first
+rollout. Words are split into train and test by a hash of the word
+(`split_words`), so the held-out problems never share a word with the ones RL
+trains on, whatever seeds draw them; the SFT mixture draws its few hundred words
+from the whole list, so a test word may (rarely) have been seen in fine-tuning.
+The letter is in the word two times out of three, as in the SFT data.
+
+The answer is the last `#### N` of the completion (the SFT format's final line);
+a completion without one is wrong, even if the right count appears in its
+spelling-out: a count that was never concluded is not an answer. Reward:
+`float(grade(...))`, no format terms.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Sequence
+
+from llm.data.conversations import read_words, spelling_messages
+from llm.tasks import Problem
+
+__all__ = ["problems", "grade", "reward", "extract_answer", "split_words", "read_words"]
+
+SPLITS = ("train", "test")
+_FINAL = re.compile(r"####\s*(-?\d+)")
+
+
+def split_words(words: Sequence[str], split: str, test_fraction: float = 0.1) -> list[str]:
+    """The words of one split, chosen by a CRC-32 of the word: the same split on every machine and run."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    in_test = [zlib.crc32(w.encode()) % 1000 < test_fraction * 1000 for w in words]
+    return [w for w, t in zip(words, in_test) if t == (split == "test")]
+
+
+def problems(words: Sequence[str], n: int, *, split: str = "test", seed: int = 0, test_fraction: float = 0.1
+             ) -> list[Problem]:
+    """`n` letter-counting problems over the split's words, drawn with `seed`."""
+    pool = split_words(words, split, test_fraction)
+    if not pool:
+        raise ValueError(f"no {split} words among the {len(words)} given (test_fraction={test_fraction})")
+    rng = random.Random(f"{split}:{seed}")
+    out = []
+    for i in range(n):
+        word = rng.choice(pool)
+        letter = rng.choice(word) if rng.random() < 2 / 3 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        question = spelling_messages(word, letter)[0]
+        out.append(Problem(messages=(question,), answer=str(word.count(letter)),
+                           text=f"Question: {question['content']}\nAnswer:", key=f"{split}:{seed}:{i}:{word}:{letter}"))
+    return out
+
+
+def extract_answer(completion: str) -> str | None:
+    """The number after the last `#### `, as written without leading zeros; None without one."""
+    found = _FINAL.findall(completion)
+    return str(int(found[-1])) if found else None
+
+
+def grade(problem: Problem, completion: str) -> bool:
+    return extract_answer(completion) == problem.answer
+
+
+def reward(problem: Problem, completion: str) -> float:
+    return float(grade(problem, completion))

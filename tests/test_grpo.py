@@ -1,0 +1,242 @@
+"""GRPO: the clipped loss and group advantages against hand computations, the tasks' grading, the stage end to end.
+
+Every expected number below is worked out by hand in the comments beside it, so
+a wrong aggregation, clip side or KL estimator gives a different number.
+"""
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm import model
+from llm.config import ModelConfig
+from llm.train.losses import grpo_loss, grpo_loss_fn, token_logprobs
+from llm.train.rl import group_advantages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(family="llama", vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, mlp_dim=64,
+                  max_seq_len=32, tie_embeddings=True)
+
+
+def _value(*args, **kwargs):
+    summed, normalizer, aux = grpo_loss(*(jnp.asarray(a, jnp.float32) for a in args), **kwargs)
+    return float(summed), float(normalizer), {k: float(v) for k, v in aux.items()}
+
+
+# ----------------------------------------------------------------------------- losses by hand
+
+
+def test_token_sequence_and_constant_aggregation_give_their_own_values():
+    # ratio 1 everywhere (logp == old), so each token's loss is -A.
+    # Row 0: A = 1 on 3 tokens -> losses -1, -1, -1. Row 1: A = 2 on 1 token -> loss -2.
+    logp = np.log([[0.5, 0.25, 0.5], [0.5, 0.1, 0.1]])
+    adv, mask = [1.0, 2.0], [[1, 1, 1], [1, 0, 0]]
+    # token (DAPO): (-1 - 1 - 1 - 2) / 4 tokens = -5 / 4 = -1.25
+    s, n, aux = _value(logp, logp, adv, mask, aggregation="token")
+    assert (s, n) == pytest.approx((-5.0, 4.0)) and s / n == pytest.approx(-1.25)
+    # sequence (GRPO): mean of row means ((-3 / 3) + (-2 / 1)) / 2 sequences = -3 / 2 = -1.5
+    s, n, _ = _value(logp, logp, adv, mask, aggregation="sequence")
+    assert (s, n) == pytest.approx((-3.0, 2.0)) and s / n == pytest.approx(-1.5)
+    # constant (Dr. GRPO): -5 / (2 sequences * T = 3) = -5 / 6; with constant_length 10: -5 / 20
+    s, n, _ = _value(logp, logp, adv, mask, aggregation="constant")
+    assert (s, n) == pytest.approx((-5.0, 6.0))
+    assert _value(logp, logp, adv, mask, aggregation="constant", constant_length=10)[1] == pytest.approx(20.0)
+    # aux: 4 tokens, 2 sequences, nothing clipped; -logp summed = ln 2 + ln 4 + ln 2 + ln 2 = 5 ln 2
+    assert aux["tokens"] == 4 and aux["sequences"] == pytest.approx(2.0) and aux["clipped_tokens"] == 0
+    assert aux["neg_logprob"] == pytest.approx(5 * math.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="aggregation"):
+        grpo_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros(1), jnp.ones((1, 1)), aggregation="mean")
+
+
+def test_clipping_active_and_inactive_for_positive_and_negative_advantages():
+    # Four one-token rows, eps_low 0.2, eps_high 0.28 (clip range [0.8, 1.28]):
+    #   r = 1.5, A = +1: min(1.5, 1.28) = 1.28   -> loss -1.28, clipped (no gradient)
+    #   r = 1.5, A = -1: min(-1.5, -1.28) = -1.5 -> loss +1.5,  not clipped, d loss / d logp = -A r = +1.5
+    #   r = 0.5, A = +1: min(0.5, 0.8) = 0.5     -> loss -0.5,  not clipped, d loss / d logp = -A r = -0.5
+    #   r = 0.5, A = -1: min(-0.5, -0.8) = -0.8  -> loss +0.8,  clipped (no gradient)
+    old = np.log([[0.2], [0.2], [0.2], [0.2]])
+    logp = old + np.log([[1.5], [1.5], [0.5], [0.5]])
+    adv, mask = jnp.asarray([1.0, -1.0, 1.0, -1.0]), jnp.ones((4, 1))
+    s, n, aux = _value(logp, old, adv, mask)
+    # summed: -1.28 + 1.5 - 0.5 + 0.8 = 0.52 over 4 tokens
+    assert (s, n) == pytest.approx((0.52, 4.0), rel=1e-5)
+    assert aux["clipped_tokens"] == 2
+    grad = jax.grad(lambda lp: grpo_loss(lp, jnp.asarray(old, jnp.float32), adv, mask)[0])(
+        jnp.asarray(logp, jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad)[:, 0], [0.0, 1.5, -0.5, 0.0], rtol=1e-5)
+    # The asymmetry: with A = +1 a ratio of 1.25 is inside [0.8, 1.28] (loss -1.25), 0.75 is not (loss -0.8).
+    assert _value(np.log([[1.25]]), [[0.0]], [1.0], [[1]])[0] == pytest.approx(-1.25, rel=1e-5)
+    assert _value(np.log([[0.75]]), [[0.0]], [-1.0], [[1]])[0] == pytest.approx(0.8, rel=1e-5)
+
+
+def test_k3_kl_to_the_reference_by_hand():
+    # k3 = exp(ref - logp) - (ref - logp) - 1:
+    #   ref - logp = ln 2  -> 2 - ln 2 - 1   = 0.306853
+    #   ref - logp = 0     -> 1 - 0 - 1      = 0
+    #   ref - logp = -ln 2 -> 0.5 + ln 2 - 1 = 0.193147
+    logp = np.log([[0.25, 0.5, 0.5]])
+    ref = np.log([[0.5, 0.5, 0.25]])
+    k3 = [1 - math.log(2), 0.0, math.log(2) - 0.5]
+    s, n, aux = _value(logp, logp, [0.0], [[1, 1, 1]], ref_logprobs_BxT=ref, kl_beta=0.5)
+    # A = 0, so the loss is kl_beta * sum(k3) = 0.5 * (0.306853 + 0 + 0.193147) = 0.25
+    assert aux["kl"] == pytest.approx(sum(k3), rel=1e-6) and s == pytest.approx(0.25, rel=1e-5) and n == 3
+    # kl_beta 0: the KL is reported but not in the loss.
+    s, _, aux = _value(logp, logp, [0.0], [[1, 1, 1]], ref_logprobs_BxT=ref)
+    assert s == 0.0 and aux["kl"] == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros(1), jnp.ones((1, 1)), kl_beta=0.1)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_masked_tokens_have_exactly_zero_gradient_even_when_not_finite(aggregation):
+    logp = jnp.asarray([[-1.0, jnp.nan, -2.0, -jnp.inf], [-0.5, -0.7, 40.0, -3.0]])
+    old = jnp.asarray([[-1.2, jnp.inf, -1.9, 0.0], [-0.4, -0.7, -50.0, -3.0]])
+    ref = jnp.asarray([[-1.1, -jnp.inf, -2.0, 5.0], [-0.5, -0.6, 90.0, -3.0]])
+    mask = jnp.asarray([[1, 0, 1, 0], [1, 1, 0, 0]])
+    loss = lambda lp: grpo_loss(lp, old, jnp.asarray([1.0, -0.5]), mask, ref_logprobs_BxT=ref, kl_beta=0.1,
+                                aggregation=aggregation)[0]
+    value, grad = jax.value_and_grad(loss)(logp)
+    assert np.isfinite(float(value))
+    grad = np.asarray(grad)
+    assert np.all(grad[np.asarray(mask) == 0] == 0.0)
+    assert np.all(np.isfinite(grad)) and np.all(grad[np.asarray(mask) == 1] != 0.0)
+
+
+def _model_batch(rows, width):
+    """Rows of (tokens, loss mask, advantage) padded to `width` + 1 tokens, one sequence per row."""
+    tokens = np.zeros((len(rows), width + 1), np.int32)
+    mask = np.zeros((len(rows), width), np.float32)
+    for i, (ids, m, _) in enumerate(rows):
+        tokens[i, :len(ids)] = ids
+        mask[i, :len(ids) - 1] = m[1:]
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
+            "advantages": np.asarray([a for *_, a in rows], np.float32)}
+
+
+def test_a_packed_batch_gives_the_loss_of_the_same_sequences_unpacked():
+    params = model.init_params(CFG, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    # Two sequences (prompt tokens mask 0, completion 1) with advantages +1 and -0.5.
+    a = (rng.randint(1, 64, 9), np.array([0, 0, 0, 1, 1, 1, 1, 1, 1]), 1.0)
+    b = (rng.randint(1, 64, 6), np.array([0, 0, 1, 1, 1, 1]), -0.5)
+    unpacked = _model_batch([a, b], 12)
+    # Packed: a then b in one row of width 16, with segment ids and positions restarting at b.
+    ids = np.concatenate([a[0], b[0], np.zeros(2, np.int32)])
+    seg = np.array([1] * 9 + [2] * 6 + [0] * 2)
+    pos = np.concatenate([np.arange(9), np.arange(6), [0, 0]])
+    mask = np.concatenate([a[1][1:], [0], b[1][1:], [0, 0]]).astype(np.float32)  # targets never cross a border
+    adv = np.where(seg[:-1] == 1, 1.0, -0.5).astype(np.float32)
+    packed = {"inputs": ids[None, :-1], "targets": ids[None, 1:], "loss_mask": mask[None],
+              "segment_ids": seg[None, :-1], "positions": pos[None, :-1], "advantages": adv[None]}
+    # Old log-probs: the policy's own, each completion token shifted alike in both layouts so some clip.
+    unpacked["old_logprobs"] = np.array(token_logprobs(CFG, params, unpacked))
+    packed["old_logprobs"] = np.array(token_logprobs(CFG, params, packed))
+    shift = 0.3 * np.sin(np.arange(13))  # 8 completion-side targets of a, then 5 of b
+    unpacked["old_logprobs"][0, :8] += shift[:8]
+    unpacked["old_logprobs"][1, :5] += shift[8:]
+    packed["old_logprobs"][0, :8] += shift[:8]
+    packed["old_logprobs"][0, 9:14] += shift[8:]
+    for aggregation in ("token", "sequence"):
+        loss = functools.partial(grpo_loss_fn, CFG, aggregation=aggregation)
+        (s1, n1, aux1), g1 = loss(params, unpacked), jax.grad(lambda p: loss(p, unpacked)[0])(params)
+        (s2, n2, aux2), g2 = loss(params, packed), jax.grad(lambda p: loss(p, packed)[0])(params)
+        np.testing.assert_allclose(float(s2), float(s1), rtol=1e-5)
+        assert float(n1) == float(n2) == {"token": 6.0 + 4.0, "sequence": 2.0}[aggregation]
+        assert float(aux1["clipped_tokens"]) == float(aux2["clipped_tokens"]) > 0
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), g2, g1)
+
+
+def test_one_step_on_fresh_rollouts_is_the_plain_policy_gradient():
+    # With old == current log-probs (mu = 1: the first step on a rollout) every ratio is 1,
+    # inside the clip range, so the gradient is REINFORCE's: -sum_t A_b grad logp_bt / tokens.
+    params = model.init_params(CFG, jax.random.key(1))
+    rng = np.random.RandomState(1)
+    rows = [(rng.randint(1, 64, 10), np.array([0] * 4 + [1] * 6), 0.7),
+            (rng.randint(1, 64, 8), np.array([0] * 3 + [1] * 5), -1.3)]
+    batch = _model_batch(rows, 12)
+    batch["old_logprobs"] = np.asarray(token_logprobs(CFG, params, batch))
+    grad = jax.grad(lambda p: (lambda s, n, _: s / n)(*grpo_loss_fn(CFG, p, batch)))(params)
+
+    def reinforce(p):
+        logp = token_logprobs(CFG, p, batch)
+        return -jnp.sum(batch["advantages"][:, None] * logp * batch["loss_mask"])
+
+    expected = jax.tree.map(lambda g: g / 11.0, jax.grad(reinforce)(params))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-8), grad, expected)
+    assert float(grpo_loss_fn(CFG, params, batch)[1]) == 6 + 5  # completion targets: 6 in row 0, 5 in row 1
+
+
+# ----------------------------------------------------------------------------- advantages by hand
+
+
+def test_group_advantages_by_hand_equal_groups_give_zero_never_nan():
+    rewards = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]], float)
+    # group: row 0 mean 0.5, std 0.5 -> +-1; row 3 mean 0.25, std sqrt(0.25 * 0.75) = 0.4330127
+    #        -> 0.75 / 0.4330127 = 1.7320508, -0.25 / 0.4330127 = -0.5773503; rows 1 and 2 all equal -> 0
+    adv, degenerate = group_advantages(rewards, "group")
+    np.testing.assert_allclose(adv, [[1, -1, -1, 1], [0] * 4, [0] * 4, [1.7320508, -0.5773503, -0.5773503,
+                                                                          -0.5773503]], rtol=1e-6)
+    assert degenerate.tolist() == [False, True, True, False]
+    # none: the centred rewards; row 3 -> 0.75, -0.25, -0.25, -0.25
+    adv, _ = group_advantages(rewards, "none")
+    np.testing.assert_allclose(adv[[0, 3]], [[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]])
+    # batch: 7 ones of 16 rewards, std sqrt(0.4375 * 0.5625) = 0.4960783 -> row 0: +-0.5 / 0.4960783 = +-1.0079053,
+    # row 3: 0.75 / 0.4960783 = 1.5118579, -0.25 / 0.4960783 = -0.5039526
+    adv, _ = group_advantages(rewards, "batch")
+    np.testing.assert_allclose(adv[0], [1.0079053, -1.0079053, -1.0079053, 1.0079053], rtol=1e-6)
+    np.testing.assert_allclose(adv[3], [1.5118579, -0.5039526, -0.5039526, -0.5039526], rtol=1e-6)
+    # Equal non-binary rewards whose float mean is not exactly themselves: still exactly 0.
+    for scale in ("group", "batch", "none"):
+        adv, degenerate = group_advantages(np.full((2, 3), 0.1), scale)
+        assert np.all(adv == 0.0) and degenerate.all()
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(rewards, "rank")
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+WORDS = os.path.join(ROOT, "tests", "fixtures", "chat", "words_alpha_slice.txt")
+
+
+def test_spelling_asks_as_the_sft_data_does_held_out_words_are_disjoint_and_the_final_answer_is_graded():
+    from llm.data import conversations as conv
+    from llm.tasks import spelling
+
+    words = spelling.read_words(WORDS)
+    test, train = spelling.split_words(words, "test"), spelling.split_words(words, "train")
+    assert test and train and not set(test) & set(train) and sorted(test + train) == sorted(words)
+    held_out = spelling.problems(words, 50, split="test", seed=3)
+    assert all(p.key.split(":")[3] in test for p in held_out)
+    assert [p.key for p in held_out] == [p.key for p in spelling.problems(words, 50, split="test", seed=3)]
+    for p in held_out:
+        *_, word, letter = p.key.split(":")
+        assert list(p.messages) == conv.spelling_messages(word, letter)[:1] and p.answer == str(word.count(letter))
+        # The SFT reply itself is right.
+        assert spelling.grade(p, conv.spelling_messages(word, letter)[1]["content"])
+    [p] = [q for q in held_out if q.answer == "1"][:1]
+    assert spelling.reward(p, "So it appears 2 times. #### 2\n#### 1") == 1.0  # the last #### counts
+    assert not spelling.grade(p, "it appears 1 time")  # no final answer
+    assert not spelling.grade(p, "#### 11") and spelling.grade(p, "#### 01")
+
+
+def test_arithmetic_problems_are_right_held_out_and_graded_by_their_final_answer():
+    from llm.tasks import arithmetic
+
+    test = arithmetic.problems(100, split="test", seed=0)
+    train = arithmetic.problems(300, split="train", seed=0)
+    expressions = lambda ps: {p.key.split(":")[3] for p in ps}
+    assert not expressions(test) & expressions(train)
+    for p in test + train:
+        expression = p.key.split(":")[3]
+        assert p.answer == str(eval(expression))  # the key's own arithmetic, by Python
+        assert 2 <= len(expression.split()[0]) <= 4
+    assert {p.key.split()[1] for p in train} == {"+", "-", "*"}
+    p = next(q for q in test if q.answer.startswith("-"))
+    assert arithmetic.grade(p, f"so #### {p.answer}") and not arithmetic.grade(p, p.answer)
+    assert arithmetic.reward(p, "#### 1,000") == float(p.answer == "1000")
