@@ -378,8 +378,8 @@ def test_bad_lines_are_skipped_and_counted_or_raised_naming_file_and_line(tmp_pa
 # ----------------------------------------------------------------------------- the stage
 
 
-def _config(tok_path, *overrides):
-    return load_config(os.path.join(ROOT, "configs", "sft_tiny.py"), [
+def _overrides(tok_path):
+    return [
         "--config.init_from=", f"--config.data.tokenizer={tok_path}", f"--config.model.vocab_size={VOCAB}",
         "--config.model.n_layer=2", "--config.model.n_embd=64", "--config.model.mlp_dim=128",
         "--config.model.max_seq_len=192", "--config.data.seq_len=160", "--config.data.batch_size=8",
@@ -389,7 +389,11 @@ def _config(tok_path, *overrides):
         "--config.data.sources.spelling.n=40", "--config.optimizer.learning_rate=3e-3",
         "--config.optimizer.warmup_steps=3", "--config.train.log_every=5", "--config.train.sample_every=0",
         f"--config.train.chat_eval_gsm8k={GSM8K}", "--config.train.chat_eval_questions=4",
-        "--config.train.chat_eval_tokens=16", *overrides])
+        "--config.train.chat_eval_tokens=16"]
+
+
+def _config(tok_path, *overrides):
+    return load_config(os.path.join(ROOT, "configs", "sft_tiny.py"), [*_overrides(tok_path), *overrides])
 
 
 def test_the_stage_learns_reports_and_releases_a_model_chat_opens(tok_path, tmp_path, monkeypatch, capsys):
@@ -412,3 +416,34 @@ def test_the_stage_learns_reports_and_releases_a_model_chat_opens(tok_path, tmp_
     assert "assistant>" in capsys.readouterr().out
     cfg, _, tokenizer = load_release(str(tmp_path / "run" / "release"))
     assert cfg.vocab_size == VOCAB and tokenizer.has_tool("python")
+
+
+def test_two_processes_train_and_evaluate_as_one_process_with_the_same_devices(tok_path, tmp_path):
+    """Each process feeds its slice of the conversations and of the held-out rows; the figures are the same."""
+    import portpicker
+
+    def launch(workdir, n_processes, port=None):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(8 // n_processes),
+               "JAX_HEARTBEAT_TIMEOUT_SECONDS": "10"}
+        args = [sys.executable, "-m", "launch.sft", "--config", "configs/sft_tiny.py", "--workdir", str(workdir),
+                *_overrides(tok_path), "--config.train.steps=3", "--config.train.eval_every=3",
+                "--config.train.log_every=1", "--config.data.num_shards=2", "--config.mesh.data=1",
+                "--config.mesh.fsdp=-1", "--config.train.checkpoint_every=1000"]
+        return [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **env, **({"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n_processes),
+                       "JAX_PROCESS_ID": str(i)} if n_processes > 1 else {})}) for i in range(n_processes)]
+
+    runs = {"one": launch(tmp_path / "one", 1), "two": launch(tmp_path / "two", 2, portpicker.pick_unused_port())}
+    for procs in runs.values():
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in runs}
+    losses_of = {name: [r["loss"] for r in found if "loss" in r] for name, found in rows.items()}
+    evals_of = {name: {k: v for r in found for k, v in r.items() if k.startswith(("val_loss", "chat/"))}
+                for name, found in rows.items()}
+    assert len(losses_of["two"]) == 3 and {"val_loss/identity", "chat/end_of_turn"} <= evals_of["two"].keys()
+    np.testing.assert_allclose(losses_of["two"], losses_of["one"], rtol=1e-5)
+    assert evals_of["two"].keys() == evals_of["one"].keys()
+    np.testing.assert_allclose([evals_of["two"][k] for k in evals_of["one"]], list(evals_of["one"].values()),
+                               rtol=1e-5)
