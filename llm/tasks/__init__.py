@@ -33,9 +33,16 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class MultipleChoice:
-    """A context and its candidate continuations; `label` indexes the right one."""
+    """A context and its candidate continuations; `label` indexes the right one.
+
+    A choice continues the context directly: the delimiter (lm-evaluation-harness's
+    `target_delimiter`, usually a space) ends the context. `messages`, when given,
+    is a conversation rendered before the context with an open assistant turn
+    (the chat variant: the choices are the start of the assistant's reply).
+    """
 
     context: str
     choices: tuple[str, ...]
     label: int
     key: str = ""
+    messages: tuple[Message, ...] = ()

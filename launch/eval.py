@@ -1,0 +1,101 @@
+"""Evaluate a model on named tasks and write its report card.
+
+    python -m launch.eval --checkpoint runs/tiny/release --tasks hellaswag,arc_easy,arc_challenge,mmlu,gsm8k --limit 100
+    python -m launch.eval --checkpoint ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --tasks gsm8k --chat --n 4 --k 1,4 --temperature 0.8
+
+`--checkpoint` takes our releases, Hugging Face directories or hub ids, and GGUF
+files. Tasks are `llm.evals.registry.TASKS`; data come from `--data-dir` (the
+public files, as in `../shared/data`) or else the Hugging Face hub. A progress bar
+per task, then a table; `report.json` and `report.md` go to `--out`, by default
+the checkpoint's run folder (`runs/x/release` -> `runs/x/`; a file's folder; a
+Hugging Face directory itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import jax
+import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llm import sharding
+from llm.config import SHARDING_PRESETS, LOGICAL_AXES
+from llm.evals import registry
+from llm.evals.report import table, write_report
+from llm.release import load_release
+
+
+def report_dir(checkpoint: str) -> str:
+    """Where a checkpoint's report card goes: its run folder."""
+    path = os.path.normpath(checkpoint)
+    if os.path.isfile(path):
+        return os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        return os.path.dirname(path) if os.path.basename(path) == "release" else path
+    raise ValueError(f"{checkpoint} is not a local file or directory (a hub id?): pass --out")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a model on named tasks and write its report card.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a release directory, a Hugging Face GPT-2/Llama one or hub id, or a .gguf file")
+    parser.add_argument("--tokenizer", help="an encoding overriding the checkpoint's own")
+    parser.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,mmlu,gsm8k",
+                        help=f"comma-separated, from {','.join(registry.TASKS)}")
+    parser.add_argument("--limit", type=int, help="the first N items of each task")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--out", help="report folder (default: the checkpoint's run folder)")
+    parser.add_argument("--chat", action="store_true", help="chat variants (ARC, MMLU letters; GSM8K as a user message)")
+    parser.add_argument("--bos", action="store_true", help="document-start token before each multiple-choice context")
+    parser.add_argument("--batch-rows", type=int, default=16, help="packed rows per multiple-choice forward")
+    parser.add_argument("--max-len", type=int, help="tokens the model reads per choice (default: its context)")
+    parser.add_argument("--n", type=int, default=1, help="samples per generative problem")
+    parser.add_argument("--k", default="1", help="pass@k for these k (comma-separated, each <= n)")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--shots", type=int, default=5, help="GSM8K few-shot examples for a base model")
+    parser.add_argument("--no-tools", action="store_true", help="generate without the calculator tool")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    names = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in names if t not in registry.TASKS]
+    if unknown:
+        sys.exit(f"unknown task(s) {unknown}; choose from {sorted(registry.TASKS)}")
+    out = args.out or report_dir(args.checkpoint)
+    options = registry.Options(
+        data_dir=args.data_dir, limit=args.limit, chat=args.chat, batch_rows=args.batch_rows, max_len=args.max_len,
+        bos=args.bos, n=args.n, ks=tuple(int(k) for k in args.k.split(",")), temperature=args.temperature,
+        top_p=args.top_p, max_new_tokens=args.max_new_tokens, shots=args.shots, tools=not args.no_tools,
+        seed=args.seed)
+
+    cfg, params, tokenizer = load_release(args.checkpoint, tokenizer=args.tokenizer)
+    # Data parallel over every device: parameters replicated, the batch split.
+    rules = {axis: tuple(SHARDING_PRESETS["dp"].get(axis, ())) for axis in LOGICAL_AXES}
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    placed = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+    results = {}
+    for name in names:
+        with tqdm.tqdm(desc=name, unit="item", dynamic_ncols=True) as bar:
+            def total(n, bar=bar):
+                bar.total = n
+                bar.refresh()
+
+            host = params if registry.TASKS[name].kind == "generative" else placed
+            results[name] = registry.run_task(name, cfg, host, tokenizer, options, mesh=mesh, rules=rules,
+                                              on_total=total, on_progress=bar.update)
+    meta = {"checkpoint": args.checkpoint, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "limit": args.limit, "chat": args.chat, "n": args.n, "temperature": args.temperature}
+    print(table(results))
+    json_path, md_path = write_report(out, results, meta)
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

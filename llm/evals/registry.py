@@ -1,0 +1,105 @@
+"""The evaluation tasks by name, for `launch.eval`: a new task is one `TASKS` entry.
+
+A multiple-choice entry gives `items(options) -> list[MultipleChoice]`, scored by
+`llm.evals.multiple_choice`; a generative entry gives `problems(options) ->
+list[Problem]` and `grade`, sampled and graded by `llm.evals.generative`. Data
+come from `options.data_dir` (the public files under the names of
+`../shared/data/README.md`) when there, else from the Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from llm.evals import generative
+from llm.evals import multiple_choice as mc
+from llm.tasks import choice_sets, gsm8k
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    data_dir: str = "../shared/data"
+    limit: int | None = None
+    chat: bool = False  # the chat variant where a task has one (ARC, MMLU, GSM8K)
+    # multiple choice
+    batch_rows: int = 16
+    row_len: int = 256
+    max_len: int | None = None
+    bos: bool = False  # the tokenizer's document start before every context (the harness puts none)
+    # generative
+    n: int = 1
+    ks: tuple[int, ...] = (1,)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    shots: int = 5  # GSM8K few-shot examples for a base model (from the train split)
+    tools: bool = True
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    kind: str  # "choice" or "generative"
+    load: Callable[[Options], list]
+    grade: Callable[[Any, str], bool] | None = None
+    stop_strings: tuple[str, ...] = ()  # base-model generation stops (generative tasks)
+
+
+def source(options: Options, local: str, hub_id: str) -> str:
+    """`data_dir/local` when it exists, else the hub id."""
+    path = os.path.join(options.data_dir, local)
+    return path if os.path.exists(path) else hub_id
+
+
+def _gsm8k(o: Options) -> list:
+    shots = []
+    if not o.chat and o.shots:
+        shots = choice_sets.read_records(source(o, "gsm8k/train.jsonl", "openai/gsm8k"), split="train",
+                                         subset="main")[:o.shots]
+    return gsm8k.problems(source(o, "gsm8k/test.jsonl", "openai/gsm8k"), fewshot=shots, limit=o.limit)
+
+
+TASKS: dict[str, Task] = {
+    "hellaswag": Task("choice", lambda o: choice_sets.hellaswag(
+        source(o, "evals/hellaswag_val.jsonl", "Rowan/hellaswag"), limit=o.limit)),
+    "arc_easy": Task("choice", lambda o: choice_sets.arc(
+        source(o, "evals/arc_easy_validation.jsonl", "allenai/ai2_arc"), subset="ARC-Easy", chat=o.chat,
+        limit=o.limit)),
+    "arc_challenge": Task("choice", lambda o: choice_sets.arc(
+        source(o, "evals/arc_challenge_validation.jsonl", "allenai/ai2_arc"), subset="ARC-Challenge", chat=o.chat,
+        limit=o.limit)),
+    "mmlu": Task("choice", lambda o: choice_sets.mmlu(
+        source(o, "evals/mmlu_test.jsonl", "cais/mmlu"), chat=o.chat, limit=o.limit)),
+    "mmlu_5shot": Task("choice", lambda o: choice_sets.mmlu(
+        source(o, "evals/mmlu_test.jsonl", "cais/mmlu"), dev=source(o, "evals/mmlu_dev.jsonl", "cais/mmlu"),
+        shots=5, chat=o.chat, limit=o.limit)),
+    "gsm8k": Task("generative", _gsm8k, grade=gsm8k.grade, stop_strings=gsm8k.STOP_STRINGS),
+}
+
+
+def run_task(name: str, cfg, params, tokenizer, options: Options, *, mesh=None, rules=None, engine=None,
+             on_total: Callable[[int], None] | None = None, on_progress: Callable[[int], None] | None = None
+             ) -> dict[str, Any]:
+    """The task's figures (multiple choice: acc, acc_norm, items, truncated; generative: pass@k, problems, ...)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    task = TASKS[name]
+    data = task.load(options)
+    if on_total is not None:
+        on_total(len(data))
+    if task.kind == "choice":
+        scores = mc.score(cfg, params, tokenizer, data, batch_rows=options.batch_rows, row_len=options.row_len,
+                          max_len=options.max_len, prefix=tokenizer.bos if options.bos else (), mesh=mesh,
+                          rules=rules, on_progress=on_progress)
+        return mc.summarize(scores)
+    engine = engine or generative.engine_for(cfg, params, tokenizer, tools=options.tools)
+    result = generative.evaluate(
+        engine, data, task.grade, chat=options.chat, n=options.n, ks=options.ks, temperature=options.temperature,
+        top_p=options.top_p, max_new_tokens=options.max_new_tokens,
+        stop_strings=() if options.chat else task.stop_strings, batch_size=options.batch_size, seed=options.seed,
+        on_progress=on_progress)
+    return result.summary()

@@ -1,0 +1,102 @@
+"""GSM8K (Cobbe et al. 2021, "Training Verifiers to Solve Math Word Problems"): problems and the grading rule.
+
+    problems("../shared/data/gsm8k/test.jsonl", fewshot=train_records[:5])
+    grade(problem, "... so she makes $18 a day.\\n#### 18")  -> True
+
+A `Problem` holds the question as a user message (chat models) and as plain text
+after few-shot solved examples, `"Question: ...\\nAnswer: ...\\n\\n"`, the
+calculator annotations `<<...>>` removed (base models, completed after
+`"Answer:"`; a sampler stops at a blank line or the next `"Question:"`). The gold
+answer is the number after `#### ` in the dataset's answer, normalised.
+
+`extract_answer` reads the model's final answer only: the last `#### N`, else the
+last `\\boxed{N}`, else the last "answer is N" / "Answer: N" sentence. A number is
+read with its sign, commas, a leading `$`, decimals and any trailing unit or
+punctuation ("$1,234.50 dollars." -> 1234.5). A completion that never states a
+final answer gets None (wrong), even if the right number appears in its
+reasoning: taking the last number of the text (a common fallback) would credit
+reasoning that never concluded.
+"""
+
+from __future__ import annotations
+
+import decimal
+import re
+from collections.abc import Sequence
+
+from llm.tasks import Problem
+from llm.tasks.choice_sets import read_records
+
+STOP_STRINGS = ("\n\nQuestion:", "Question:", "\n\n")  # where a base model's answer ends
+
+_NUMBER = r"(-?\s*\$?\s*-?\d[\d,]*(?:\.\d+)?|-?\s*\$?\s*-?\.\d+)"
+_FINAL = [
+    re.compile(r"####\s*" + _NUMBER),
+    re.compile(r"\\boxed\{\s*" + _NUMBER + r"\s*\}"),
+    re.compile(r"answer\s*(?:is|=|:)\s*[:*\s]*" + _NUMBER, re.IGNORECASE),
+]
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def normalize_number(text: str) -> str | None:
+    """A number as written ("-$1,234.50") as its canonical decimal string ("-1234.5"); None if not a number."""
+    cleaned = re.sub(r"[\s$,]", "", text).rstrip(".")
+    negative = cleaned.count("-") % 2 == 1
+    cleaned = cleaned.replace("-", "")
+    try:
+        value = decimal.Decimal(cleaned)
+    except decimal.InvalidOperation:
+        return None
+    value = -value if negative else value
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def extract_answer(completion: str) -> str | None:
+    """The completion's final numeric answer, normalised; None when it states none (see the module docstring)."""
+    for pattern in _FINAL:
+        found = pattern.findall(completion)
+        if found:
+            return normalize_number(found[-1])
+    return None
+
+
+def gold_answer(answer_field: str) -> str:
+    """The normalised number after `#### ` in a GSM8K answer."""
+    match = _FINAL[0].search(answer_field)
+    if not match:
+        raise ValueError(f"GSM8K answer has no '#### <number>': {answer_field[-80:]!r}")
+    return normalize_number(match.group(1))
+
+
+def grade(problem: Problem, completion: str) -> bool:
+    """Whether the completion's final answer equals the gold one (as numbers)."""
+    return extract_answer(completion) == problem.answer
+
+
+def solution_text(answer_field: str) -> str:
+    """A GSM8K solution as plain text: calculator annotations removed, `#### N` kept."""
+    return _ANNOTATION.sub("", answer_field)
+
+
+def fewshot_prefix(examples: Sequence[dict]) -> str:
+    return "".join(f"Question: {e['question']}\nAnswer: {solution_text(e['answer'])}\n\n" for e in examples)
+
+
+def problems(source: str, *, fewshot: Sequence[dict] = (), limit: int | None = None, split: str = "test"
+             ) -> list[Problem]:
+    """GSM8K problems of a JSONL file `{question, answer}` or a hub id (openai/gsm8k, subset main)."""
+    records = read_records(source, split=split, subset="" if source.endswith(".jsonl") else "main")[:limit]
+    prefix = fewshot_prefix(fewshot)
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise ValueError(f"{source} record {i}: expected string 'question' and 'answer' fields")
+        out.append(Problem(
+            messages=({"role": "user", "content": r["question"]},),
+            answer=gold_answer(r["answer"]),
+            text=f"{prefix}Question: {r['question']}\nAnswer:",
+            key=str(i),
+        ))
+    return out
