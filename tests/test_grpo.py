@@ -240,3 +240,72 @@ def test_arithmetic_problems_are_right_held_out_and_graded_by_their_final_answer
     p = next(q for q in test if q.answer.startswith("-"))
     assert arithmetic.grade(p, f"so #### {p.answer}") and not arithmetic.grade(p, p.answer)
     assert arithmetic.reward(p, "#### 1,000") == float(p.answer == "1000")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def test_rollout_rows_train_on_sampled_completion_tokens_only_not_prompt_padding_or_forced_tool_output():
+    from llm.generate import Sample
+    from llm.stages.grpo import rollout_rows
+
+    # Prompt 5 6 7; completion 8 (sampled) 9 10 (forced tool output) 11 (sampled).
+    sample = Sample([8, 9, 10, 11], [-1.0, 0.0, 0.0, -2.0], [False, True, True, False], "stop")
+    rows = rollout_rows([[5, 6, 7]], [[sample]], width=8)
+    assert rows["inputs"].tolist() == [[5, 6, 7, 8, 9, 10, 0, 0]]
+    assert rows["targets"].tolist() == [[6, 7, 8, 9, 10, 11, 0, 0]]
+    # Target j predicts token j + 1: 8 and 11 are trained; the prompt's 6, 7, the tool's 9, 10 and padding are not.
+    assert rows["loss_mask"].tolist() == [[0, 0, 1, 0, 0, 1, 0, 0]]
+    with pytest.raises(ValueError, match="seq_len"):
+        rollout_rows([[5, 6, 7]], [[sample]], width=5)
+
+
+def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, monkeypatch, capsys):
+    import json
+
+    from llm.config import load_config
+    from llm.data import conversations as conv
+    from llm.stages import grpo
+    from llm.tasks import spelling
+    from llm.tokenizer import train_bpe
+
+    words = spelling.read_words(WORDS)
+    texts = [m["content"] for w in words[:150] for m in conv.spelling_messages(w, w[0])]
+    tok_path = str(tmp_path / "tok.tiktoken")
+    train_bpe(texts, 384, name="spell", progress=False).save(tok_path)
+    real = grpo.make_task
+
+    def task_with_signal(dc):
+        # A random model never counts right; reward the letter "e" instead, so groups differ and steps move.
+        task = real(dc)
+        return grpo.Task(task.train_problems, task.test_problems, lambda p, text: float("e" in text))
+
+    monkeypatch.setattr(grpo, "make_task", task_with_signal)
+    overrides = ["--config.init_from=", f"--config.data.tokenizer={tok_path}", "--config.model.vocab_size=384",
+                 "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.mlp_dim=64",
+                 "--config.model.max_seq_len=96", f"--config.data.path={WORDS}", "--config.data.prompts_per_step=4",
+                 "--config.data.samples_per_prompt=4", "--config.data.seq_len=80", "--config.rl.max_new_tokens=16",
+                 "--config.rl.mu=2", "--config.rl.eval_problems=8", "--config.rl.eval_samples=2",
+                 "--config.optimizer.learning_rate=1e-2", "--config.train.eval_every=4",
+                 "--config.train.checkpoint_every=2", "--config.train.grad_accum=2"]
+    workdir = str(tmp_path / "run")
+    summary = grpo.run(load_config(os.path.join(ROOT, "configs", "grpo_tiny.py"),
+                                   overrides + ["--config.train.steps=4"]), workdir)
+    for key in ("heldout/pass@1", "heldout/pass@2", "heldout/greedy_pass@1", "heldout/pass@1_ci95"):
+        assert key in summary.evals and key in summary.first_evals
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = {r["step"]: r for r in rows if "loss" in r}
+    assert sorted(steps) == [1, 2, 3, 4]
+    for step in (1, 3):  # a fresh rollout every mu = 2 steps, with its figures
+        for key in ("reward", "pass1_batch", "solved_all", "solved_none", "completion_len", "rollout_s",
+                    "rollout_tok_s", "clip_fraction", "kl", "entropy"):
+            assert key in steps[step], (step, key)
+    assert "rollout_s" not in steps[2] and "clip_fraction" in steps[2]
+    assert steps[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
+    assert steps[1]["clip_fraction"] == 0.0 and steps[1]["normalizer"] > 0  # old == current at mu's first step
+    assert steps[2]["kl"] > 0 and steps[3]["kl"] > 0  # it moved
+    assert os.path.exists(os.path.join(workdir, "grpo.png")) and os.path.isdir(os.path.join(workdir, "release"))
+    capsys.readouterr()
+    summary = grpo.run(load_config(os.path.join(ROOT, "configs", "grpo_tiny.py"),
+                                   overrides + ["--config.train.steps=6"]), workdir)
+    assert "resumed from step 4" in capsys.readouterr().out and summary.step == 6

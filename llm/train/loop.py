@@ -68,6 +68,10 @@ class Stage:
     sample: Callable[[Any], list[str]] | None = None  # host params -> texts, every sample_every (process 0)
     release: Callable[[str, Any], None] | None = None  # (directory, host params); default: `save_release`
     describe: str = ""  # one line for the report: the data the stage trains on
+    # On-policy stages (GRPO): (params, step) -> (the step's micro-batches, host figures to log), called with the
+    # current sharded params in place of `batches`; `batches` then only carries the data position for checkpoints.
+    rollout: Callable[[Any, int], tuple[list[dict[str, np.ndarray]], dict[str, float]]] | None = None
+    step_figures: Callable[[dict[str, float]], dict[str, float]] | None = None  # summed step metrics -> ratios to log
 
 
 @dataclasses.dataclass
@@ -223,7 +227,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
     clock, clock_step = time.perf_counter(), start
     bar = tqdm(total=tc.steps, initial=start, desc=stage_name, disable=jax.process_index() != 0, dynamic_ncols=True)
 
-    def finish_step(step: int, device_metrics: dict) -> None:
+    def finish_step(step: int, device_metrics: dict, host_figures: dict) -> None:
         nonlocal clock, clock_step
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         if not math.isfinite(metrics["loss"]) or not metrics.pop("params_finite"):
@@ -234,6 +238,8 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
                 f"{checkpointer.latest_step()} in {workdir}/checkpoints (lower optimizer.learning_rate and resume)"
             )
         summary.step, summary.train_loss = step, metrics["loss"]
+        extra = {**host_figures, **(stage.step_figures(metrics) if stage.step_figures else {})}
+        metrics |= extra
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
             now = time.perf_counter()
@@ -248,6 +254,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
                 if peak and stage.flops_per_token:
                     metrics["mfu"] = metrics["tokens_per_s"] * stage.flops_per_token / (peak * jax.device_count())
                     line += f" | MFU {metrics['mfu']:.1%}"
+            line += "".join(f" | {k} {v:.4g}" for k, v in extra.items())
             bar.write(line + f" | ETA {_duration((tc.steps - step) / max(steps_per_s, 1e-9))}")
             writers.write(step, metrics)
 
@@ -270,10 +277,14 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
         else:  # logged by the run that started this workdir
             summary.first_evals = _first_logged(workdir)
     for step in range(start + 1, tc.steps + 1):
-        batch = _global_batch([next(stage.batches) for _ in range(tc.grad_accum)], layout)
+        if stage.rollout is not None:  # sampled from the params of this moment: waits for the previous step
+            micro_batches, host_figures = stage.rollout(params, step)
+        else:
+            micro_batches, host_figures = [next(stage.batches) for _ in range(tc.grad_accum)], {}
+        batch = _global_batch(micro_batches, layout)
         params, opt_state, device_metrics = step_fn(params, opt_state, batch, step_key(config.seed, step))
         flush()
-        pending = (step, device_metrics)
+        pending = (step, device_metrics, host_figures)
         if stage.evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
             flush()
             evaluate(step)

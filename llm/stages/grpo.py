@@ -1,0 +1,360 @@
+"""GRPO: reinforcement learning on tasks with a checkable answer, rollouts from the engine, through the shared driver.
+
+    python -m launch.grpo --config configs/grpo_tiny.py --workdir runs/grpo
+
+Per rollout (Shao et al. 2024, DeepSeekMath section 4; DeepSeek-R1): P training
+problems of the task, G samples each from the current policy through the
+KV-cache `Engine` (a fresh seed every rollout, the engine running on the
+training mesh's sharded params, nothing gathered to one device), rewards by the
+task's `grade` (the one the evals use), group advantages (`llm.train.rl`), the
+old log-probabilities recomputed by the training forward (not the sampler's,
+which are unfiltered temperature-1 values from another layout), then `rl.mu`
+optimizer steps of `grpo_loss` over the rollout batch. Each loop step is one
+optimizer step; the rollout is redrawn every `mu` steps (a resumed run redraws
+it at once). Prompt tokens, padding and tool outputs the engine forced in
+(`Sample.forced`) carry no gradient.
+
+Departures: groups whose rewards are all equal are masked out when
+`rl.drop_degenerate` (DAPO's dynamic-sampling filter, without resampling: the
+batch shrinks instead); the KL to the starting model is logged always (k3, its
+reference forward is cheap at this size) and enters the loss only with
+`rl.kl_beta` > 0; entropy is estimated from the sampled tokens' -log p, not the
+full distribution. `rl.shuffle_rewards` permutes rewards across the step's
+samples: the control run that must not learn. Rollouts run in one process
+(several processes would step the engine out of lockstep): multi-host GRPO is
+not supported yet and is refused.
+
+Logged per step: reward mean, the batch's pass@1, the shares of all-solved and
+none-solved groups, KL, clip fraction, entropy, completion length, seconds in
+rollout, in the old/reference forward and blocked on training, between rollouts (`step_s`, which includes any
+evaluation in between), rollout tokens/s; every `eval_every` steps the
+held-out pass@1, pass@k (unbiased, Chen et al. 2021) and greedy pass@1 with
+their 95% intervals. At the end, `grpo.png` plots reward and held-out pass@1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import random
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from llm import model, sharding
+from llm.config import base_config
+from llm.evals.passk import pass_at_k
+from llm.generate import Engine, SamplingParams
+from llm.tasks import Problem
+from llm.tokenizer import Tokenizer
+from llm.tools import Calculator
+from llm.train import loop
+from llm.train.losses import grpo_loss_fn, token_logprobs
+from llm.train.rl import group_advantages
+
+NAME = "grpo"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
+    """Runs (or resumes) GRPO as configured; writes `grpo.png` beside the report."""
+    summary = loop.run(NAME, build, config, workdir)
+    if jax.process_index() == 0:
+        plot_curves(workdir)
+    return summary
+
+
+def base_grpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
+                     ) -> ml_collections.ConfigDict:
+    """`base_config` with the task (data.*) and the algorithm's knobs (rl.*); configs start here."""
+    config = base_config(model_name, sharding_name)
+    config.data = ml_collections.ConfigDict(dict(
+        task="spelling",  # spelling, arithmetic or gsm8k (llm/tasks/)
+        path=f"{data_dir}/words/words_alpha.zip",  # spelling: the word list; gsm8k: the train JSONL; arithmetic: unused
+        eval_path="",  # gsm8k: the test JSONL
+        digits=(2, 4),  # arithmetic: operand digits
+        prompts_per_step=8,  # P
+        samples_per_prompt=8,  # G
+        seq_len=160,  # row width: prompt + completion tokens must fit in seq_len + 1
+        tokenizer="",  # only for a fresh model (no init_from: tests): a named encoding or a .tiktoken file
+        num_shards=0,
+    ))
+    config.rl = ml_collections.ConfigDict(dict(
+        mu=1,  # optimizer steps per rollout (DeepSeekMath's mu)
+        max_new_tokens=96,
+        temperature=1.0,
+        eps_low=0.2,
+        eps_high=0.28,
+        kl_beta=0.0,
+        reference=True,  # log the k3 KL to the starting model (needed when kl_beta > 0)
+        aggregation="token",  # token (DAPO), sequence (GRPO), constant (Dr. GRPO)
+        scale="group",  # advantage scaling: group, batch, none
+        drop_degenerate=True,
+        shuffle_rewards=False,  # the control: rewards permuted across the step's samples
+        tools=True,  # the calculator, when the tokenizer has its tokens
+        eval_problems=100,
+        eval_samples=4,  # n per held-out problem; pass@1 and pass@n
+        eval_temperature=1.0,
+        eval_greedy=True,
+        eval_seed=1234,
+    ))
+    config.train.update(steps=100, log_every=1, eval_every=25, checkpoint_every=25)
+    return config
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A task as GRPO uses it: training problems per rollout, fixed held-out problems, the grading reward."""
+
+    train_problems: Callable[[int, int], list[Problem]]  # (rollout index, count) -> problems
+    test_problems: Callable[[int, int], list[Problem]]  # (count, seed) -> problems
+    reward: Callable[[Problem, str], float]
+
+
+def make_task(dc: ml_collections.ConfigDict) -> Task:
+    """The task named by `data.task`, reading its files once."""
+    if dc.task == "spelling":
+        from llm.tasks import spelling
+
+        words = spelling.read_words(dc.path)
+        return Task(lambda index, n: spelling.problems(words, n, split="train", seed=index),
+                    lambda n, seed: spelling.problems(words, n, split="test", seed=seed), spelling.reward)
+    if dc.task == "arithmetic":
+        from llm.tasks import arithmetic
+
+        digits = tuple(dc.digits)
+        return Task(lambda index, n: arithmetic.problems(n, split="train", seed=index, digits=digits),
+                    lambda n, seed: arithmetic.problems(n, split="test", seed=seed, digits=digits), arithmetic.reward)
+    if dc.task == "gsm8k":
+        from llm.tasks import gsm8k
+
+        train, test = gsm8k.problems(dc.path, split="train"), gsm8k.problems(dc.eval_path or dc.path, split="test")
+        return Task(lambda index, n: random.Random(index).sample(train, n),
+                    lambda n, seed: random.Random(seed).sample(test, min(n, len(test))),
+                    lambda p, text: float(gsm8k.grade(p, text)))
+    raise ValueError(f"unknown data.task {dc.task!r}; expected spelling, arithmetic or gsm8k")
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def rollout_rows(prompts: list[list[int]], samples: list[list[Any]], width: int) -> dict[str, np.ndarray]:
+    """Rows {inputs, targets, loss_mask} [P * G, width], one per sample (prompt then completion, right-padded).
+
+    The mask is 1 on each completion token the model sampled (its stop token
+    included) and 0 on the prompt, padding and tokens the engine forced in.
+    """
+    rows = [(prompt, s) for prompt, group in zip(prompts, samples) for s in group]
+    inputs = np.zeros((len(rows), width), np.int32)
+    targets = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.float32)
+    for i, (prompt, s) in enumerate(rows):
+        sequence = list(prompt) + list(s.tokens)
+        if len(sequence) > width + 1:
+            raise ValueError(f"a prompt of {len(prompt)} tokens and a completion of {len(s.tokens)} do not fit in "
+                             f"data.seq_len={width} + 1; raise data.seq_len or lower rl.max_new_tokens")
+        inputs[i, :len(sequence) - 1] = sequence[:-1]
+        targets[i, :len(sequence) - 1] = sequence[1:]
+        # Target j predicts sequence[j + 1]: completion token j + 1 - len(prompt).
+        mask[i, len(prompt) - 1:len(sequence) - 1] = ~np.asarray(s.forced, bool)
+    return {"inputs": inputs, "targets": targets, "loss_mask": mask}
+
+
+def rollout_figures(correct_PxG: np.ndarray, degenerate_P: np.ndarray, lengths: list[int]) -> dict[str, float]:
+    """What one rollout looked like: the batch's pass@1 and the shares of all-solved and none-solved groups."""
+    solved_P = correct_PxG.all(axis=1)
+    return {"pass1_batch": float(correct_PxG.mean()), "solved_all": float(solved_P.mean()),
+            "solved_none": float((~correct_PxG.any(axis=1)).mean()), "degenerate": float(degenerate_P.mean()),
+            "completion_len": float(np.mean(lengths))}
+
+
+class _Position:
+    """The data position saved with checkpoints: rollouts derive from the step alone, so there is nothing to save."""
+
+    def get_state(self) -> bytes:
+        return json.dumps({"rollouts": "from the step"}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        del state
+
+    def start_prefetch(self) -> None:  # the checkpointer restarts a data pipeline's prefetch after restoring
+        pass
+
+
+def _interval(values: list[float]) -> float:
+    """Half-width of the normal 95% interval of the mean of per-problem scores."""
+    return float(1.96 * np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], reward, *, n: int, temperature: float,
+                  max_new_tokens: int, seed: int, greedy: bool, tools: bool, batch_size: int = 64) -> dict[str, float]:
+    """Held-out pass@1 and pass@n (n samples at `temperature`) and greedy pass@1, each with its 95% half-interval."""
+    engine = _engine(cfg, params, tokenizer, tools)
+    prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
+    stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
+    figures = {}
+    runs = [("", n, temperature)] + ([("greedy_", 1, 0.0)] if greedy else [])
+    for prefix, count, temp in runs:
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, n=count, seed=seed,
+                                  stop_token_ids=stops)
+        right = []
+        for start in range(0, len(prompts), batch_size):
+            groups = engine.generate(prompts[start:start + batch_size], sampling)
+            right += [sum(reward(p, s.text) == 1.0 for s in group) for p, group in zip(problems[start:], groups)]
+        for k in sorted({1, count}):
+            scores = [pass_at_k(count, c, k) for c in right]
+            figures[f"heldout/{prefix}pass@{k}"] = float(np.mean(scores))
+            figures[f"heldout/{prefix}pass@{k}_ci95"] = _interval(scores)
+    return figures
+
+
+def _engine(cfg, params, tokenizer: Tokenizer, tools: bool) -> Engine:
+    use = tools and tokenizer.has_tool("python")
+    return Engine(cfg, params, tokenizer, tools={"python": Calculator()} if use else None)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+    dc, rc, tc = config.data, config.rl, config.train
+    if jax.process_count() > 1:
+        raise NotImplementedError("GRPO rollouts run in one process; multi-host GRPO is not supported yet")
+    if config.init_from:
+        cfg, initial_params, tokenizer = loop.load_init_from(config)
+    else:  # a fresh model: tests only (it has nothing to be rewarded for)
+        from llm.config import model_config
+
+        cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(dc.tokenizer)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
+    P, G = dc.prompts_per_step, dc.samples_per_prompt
+    if (P * G) % tc.grad_accum:
+        raise ValueError(f"prompts_per_step * samples_per_prompt = {P * G} rows do not split into "
+                         f"train.grad_accum={tc.grad_accum} micro-batches")
+    if rc.kl_beta and not rc.reference:
+        raise ValueError("rl.kl_beta > 0 needs rl.reference=True")
+    task = make_task(dc)
+    test_problems = task.test_problems(rc.eval_problems, rc.eval_seed)
+    mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
+    placement = sharding.batch_sharding(mesh, rules)
+
+    def logprobs(params, batch):
+        with sharding.use_rules(mesh, rules):
+            return token_logprobs(cfg, params, batch)
+
+    logprob_fn = jax.jit(logprobs)
+    stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
+    state: dict[str, Any] = {"cached": None, "reference": None, "last_began": None}
+
+    def make_rollout(params, step: int):
+        began = time.perf_counter()
+        jax.block_until_ready(params)  # the previous optimizer step's work: the training share of the step
+        ready = time.perf_counter()
+        index = (step - 1) // rc.mu
+        problems = task.train_problems(config.seed * 1_000_003 + index, P)
+        prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
+        sampling = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, n=G,
+                                  seed=config.seed * 1_000_003 + index, stop_token_ids=stops)
+        samples = _engine(cfg, params, tokenizer, rc.tools).generate(prompts, sampling)
+        sampled = time.perf_counter()
+        rewards_PxG = np.asarray([[task.reward(p, s.text) for s in group] for p, group in zip(problems, samples)])
+        correct_PxG = rewards_PxG == 1.0
+        if rc.shuffle_rewards:  # the control: the same rewards, on the wrong samples
+            rng = np.random.default_rng([config.seed, index])
+            rewards_PxG = rng.permutation(rewards_PxG.ravel()).reshape(rewards_PxG.shape)
+        advantages_PxG, degenerate_P = group_advantages(rewards_PxG, rc.scale)
+        rows = rollout_rows(prompts, samples, dc.seq_len)
+        if rc.drop_degenerate:
+            rows["loss_mask"] *= np.repeat(~degenerate_P, G)[:, None]
+        rows["advantages"] = advantages_PxG.ravel()
+        placed = {k: jax.make_array_from_process_local_data(placement, rows[k]) for k in ("inputs", "targets")}
+        rows["old_logprobs"] = np.asarray(logprob_fn(params, placed))
+        if rc.reference:
+            if state["reference"] is None:  # the starting model, placed as the params are
+                start = initial_params if initial_params is not None else sharding.gather_to_host(params)
+                state["reference"] = jax.tree.map(lambda h, p: jax.device_put(h, p.sharding), start, params)
+            rows["ref_logprobs"] = np.asarray(logprob_fn(state["reference"], placed))
+        scored = time.perf_counter()
+        state["last_began"] = began
+        lengths = [len(s.tokens) for group in samples for s in group]
+        figures = {"reward": float(rewards_PxG.mean()),  # a permutation keeps the mean: the control's too
+                   **rollout_figures(correct_PxG, degenerate_P, lengths),
+                   "rollout_s": sampled - ready, "logprob_s": scored - sampled,
+                   "train_wait_s": ready - began,  # blocked on the previous optimizer step
+                   "step_s": began - state["last_began"] if state["last_began"] else float("nan"),
+                   "rollout_tok_s": sum(lengths) / max(sampled - ready, 1e-9)}
+        A = tc.grad_accum
+        micro = [{k: v.reshape(A, -1, *v.shape[1:])[a] for k, v in rows.items()} for a in range(A)]
+        return micro, figures
+
+    def rollout(params, step: int):
+        if (step - 1) % rc.mu == 0 or state["cached"] is None:
+            state["cached"] = make_rollout(params, step)
+            micro, figures = state["cached"]
+        else:
+            micro, figures = state["cached"][0], {}
+        return micro, figures
+
+    def step_figures(metrics: dict[str, float]) -> dict[str, float]:
+        tokens = metrics.get("tokens", 0.0)
+        if not tokens:
+            return {}
+        return {"clip_fraction": metrics["clipped_tokens"] / tokens, "kl": metrics["kl"] / tokens,
+                "entropy": metrics["neg_logprob"] / tokens}
+
+    def evaluate(params) -> dict[str, float]:
+        return evaluate_pass(cfg, params, tokenizer, test_problems, task.reward, n=rc.eval_samples,
+                             temperature=rc.eval_temperature, max_new_tokens=rc.max_new_tokens, seed=rc.eval_seed,
+                             greedy=rc.eval_greedy, tools=rc.tools)
+
+    loss_fn = functools.partial(grpo_loss_fn, cfg, eps_low=rc.eps_low, eps_high=rc.eps_high, kl_beta=rc.kl_beta,
+                                aggregation=rc.aggregation, constant_length=rc.max_new_tokens)
+    return loop.Stage(
+        cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
+        init_params=functools.partial(model.init_params, cfg), loss_fn=loss_fn, batches=_Position(),
+        initial_params=initial_params, evaluate=evaluate, rollout=rollout, step_figures=step_figures,
+        describe=(f"task {dc.task}: {P} prompts x {G} samples per rollout, mu {rc.mu}, {len(test_problems)} held-out "
+                  f"problems; aggregation {rc.aggregation}, advantages {rc.scale}"
+                  + (", rewards shuffled (control)" if rc.shuffle_rewards else "")),
+    )
+
+
+def plot_curves(workdir: str) -> None:
+    """grpo.png: the rollout reward per step and the held-out pass@1 at each evaluation; linked from report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    reward = [(r["step"], r["pass1_batch"]) for r in rows if "pass1_batch" in r]
+    held = [(r["step"], r["heldout/pass@1"], r["heldout/pass@1_ci95"]) for r in rows if "heldout/pass@1" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if reward:
+        steps, values = zip(*reward)
+        window = max(1, len(values) // 20)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps, values, alpha=0.3, label="rollout pass@1 (batch)")
+        ax.plot(steps[window - 1:], smooth, label=f"rollout pass@1, mean of {window}")
+    if held:
+        steps, values, ci = zip(*held)
+        ax.errorbar(steps, values, yerr=ci, fmt="o-", capsize=3, label="held-out pass@1 (95% interval)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("pass@1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "grpo.png"), dpi=100)
+    plt.close(fig)
+    report = os.path.join(workdir, "report.md")
+    if os.path.exists(report):
+        with open(report, "a") as f:
+            f.write("\n![reward and held-out pass@1](grpo.png)\n")
