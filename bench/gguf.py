@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llm import gguf
 from llm.generate import Engine, SamplingParams
@@ -110,7 +109,7 @@ def main() -> None:
             results["llama.cpp (Q4_1)"] = {1: _decode_rate(run, 1, args.new_tokens)}
             print(f"llama.cpp (Q4_1): batch 1: {results['llama.cpp (Q4_1)'][1]:.1f} tok/s", flush=True)
 
-    print(f"\n| engine | " + " | ".join(f"batch {b} tok/s" for b in args.batches) + " |")
+    print("\n| engine | " + " | ".join(f"batch {b} tok/s" for b in args.batches) + " |")
     print("|---|" + "---:|" * len(args.batches))
     for name, by_batch in results.items():
         print(f"| {name} | " + " | ".join(f"{by_batch[b]:.1f}" if b in by_batch else "-" for b in args.batches) + " |")

@@ -10,7 +10,6 @@ import gzip
 import io
 import itertools
 import json
-import os
 from pathlib import Path
 
 import jax

@@ -24,6 +24,7 @@ from llm.data import conversations as conv
 from llm.data.pipeline import best_fit_rows
 from llm.release import load_release
 from llm.stages import sft
+from llm.tasks import gsm8k as gsm8k_task
 from llm.tokenizer import Tokenizer, train_bpe
 from llm.tools import Calculator
 from llm.train import losses
@@ -291,7 +292,7 @@ def test_gsm8k_calls_the_calculator_at_every_annotation(tok):
         assert calls == [e for e, _ in annotations]
         assert outputs == [Calculator()(e) for e in calls]
         assert [float(o) for o in outputs] == pytest.approx([float(r.replace(",", "")) for _, r in annotations])
-        assert conv.gsm8k_answer(c.messages[-1]["content"][-1]["text"]) == record["answer"].split("#### ")[1]
+        assert gsm8k_task.extract_answer(c.messages[-1]["content"][-1]["text"]) == record["answer"].split("#### ")[1]
         tok.render_conversation(c.messages)  # renders: calls, outputs and the answer in one turn
 
 

@@ -340,12 +340,6 @@ def gsm8k(path: str | Path, *, errors: Errors = "skip") -> Conversations:
     return collector.out
 
 
-def gsm8k_answer(text: str) -> str | None:
-    """The final answer after `#### ` in a GSM8K answer or a model's reply, without commas."""
-    match = re.search(r"####\s*(-?[\d,.]+)", text)
-    return match.group(1).replace(",", "").rstrip(".") if match else None
-
-
 # ----------------------------------------------------------------------------- identity
 
 

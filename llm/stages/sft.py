@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
 
 import jax
@@ -31,6 +30,7 @@ from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
 from llm.data.pipeline import HostBatches
 from llm.generate import Engine, SamplingParams
+from llm.tasks import gsm8k as gsm8k_task
 from llm.tokenizer import Tokenizer, tool_tokens
 from llm.tools import Calculator
 from llm.train import loop
@@ -245,21 +245,18 @@ def validation_losses(eval_fn, params, batches: dict[str, list[dict[str, np.ndar
 
 def chat_prompts(tc: ml_collections.ConfigDict, identity_questions: list[str], tokenizer: Tokenizer, context: int
                  ) -> dict[str, list]:
-    """The held-out prompts of the chat figures: identity paraphrases and the first GSM8K test questions that fit.
+    """The held-out prompts of the chat figures: identity paraphrases and the first GSM8K test problems that fit.
 
-    A question fits when its prompt leaves a quarter of the model's context for the reply.
+    A problem fits when its prompt leaves a quarter of the model's context for the reply.
     """
-    gsm8k = []
+    fitting = []
     if tc.chat_eval_gsm8k:
-        with open(tc.chat_eval_gsm8k) as f:
-            for line in f:
-                record = json.loads(line)
-                prompt = tokenizer.render_for_completion([{"role": "user", "content": record["question"]}])
-                if len(prompt) <= 3 * context // 4:
-                    gsm8k.append((record["question"], conv.gsm8k_answer(record["answer"])))
-                if len(gsm8k) == tc.chat_eval_questions:
-                    break
-    return {"identity": identity_questions[:tc.chat_eval_questions], "gsm8k": gsm8k}
+        for problem in gsm8k_task.problems(tc.chat_eval_gsm8k):
+            if len(tokenizer.render_for_completion(problem.messages)) <= 3 * context // 4:
+                fitting.append(problem)
+            if len(fitting) == tc.chat_eval_questions:
+                break
+    return {"identity": identity_questions[:tc.chat_eval_questions], "gsm8k": fitting}
 
 
 def _greedy(cfg, host_params, tokenizer: Tokenizer, user_messages: list[str], max_new_tokens: int):
@@ -279,10 +276,10 @@ def chat_figures(cfg, host_params, tokenizer: Tokenizer, prompts: dict[str, list
     - `chat/end_of_turn`: share of replies that end with the end-of-turn token within `max_new_tokens`;
     - `chat/identity_named`: share of held-out identity paraphrases whose reply names the assistant;
     - `chat/calc_wellformed`: share of GSM8K replies with at least one calculator call, every call
-      closed and evaluable by the `Calculator`; `chat/gsm8k_correct`: the `#### answer` equals the gold one.
+      closed and evaluable by the `Calculator`; `chat/gsm8k_correct`: right by the GSM8K task's `grade`.
     """
     identity, gsm8k = prompts["identity"], prompts["gsm8k"]
-    samples = _greedy(cfg, host_params, tokenizer, identity + [q for q, _ in gsm8k], max_new_tokens)
+    samples = _greedy(cfg, host_params, tokenizer, identity + [p.messages[0]["content"] for p in gsm8k], max_new_tokens)
     if not samples:
         return {}
     ended = [s.tokens[-1:] == [tokenizer.end_of_turn] for s in samples]
@@ -294,7 +291,7 @@ def chat_figures(cfg, host_params, tokenizer: Tokenizer, prompts: dict[str, list
         replies = samples[len(identity):]
         figures["chat/calc_wellformed"] = float(np.mean([_calls_wellformed(s.tokens, tokenizer) for s in replies]))
         figures["chat/gsm8k_correct"] = float(np.mean(
-            [conv.gsm8k_answer(s.text) == gold for s, (_, gold) in zip(replies, gsm8k)]))
+            [gsm8k_task.grade(problem, s.text) for s, problem in zip(replies, gsm8k)]))
     return figures
 
 
