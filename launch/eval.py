@@ -23,7 +23,7 @@ import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm import sharding
-from llm.config import SHARDING_PRESETS, LOGICAL_AXES
+from llm.config import LOGICAL_AXES, SHARDING_PRESETS
 from llm.evals import registry
 from llm.evals.report import table, write_report
 from llm.release import load_release
@@ -61,6 +61,10 @@ def main(argv=None) -> None:
     parser.add_argument("--shots", type=int, default=5, help="GSM8K few-shot examples for a base model")
     parser.add_argument("--no-tools", action="store_true", help="generate without the calculator tool")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bpb-source", default="sample", help="bpb task: a text source ('sample', files, 'fineweb-edu')")
+    parser.add_argument("--bpb-val-fraction", type=float, default=0.01,
+                        help="bpb task: the source's held-out share, as in pretraining (1: every document)")
+    parser.add_argument("--bpb-batches", type=int, default=16)
     args = parser.parse_args(argv)
 
     names = [t for t in args.tasks.split(",") if t]
@@ -72,7 +76,8 @@ def main(argv=None) -> None:
         data_dir=args.data_dir, limit=args.limit, chat=args.chat, batch_rows=args.batch_rows, max_len=args.max_len,
         bos=args.bos, n=args.n, ks=tuple(int(k) for k in args.k.split(",")), temperature=args.temperature,
         top_p=args.top_p, max_new_tokens=args.max_new_tokens, shots=args.shots, tools=not args.no_tools,
-        seed=args.seed)
+        seed=args.seed, bpb_source=args.bpb_source, bpb_val_fraction=args.bpb_val_fraction,
+        bpb_batches=args.bpb_batches)
 
     cfg, params, tokenizer = load_release(args.checkpoint, tokenizer=args.tokenizer)
     # Data parallel over every device: parameters replicated, the batch split.

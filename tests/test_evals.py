@@ -1,8 +1,23 @@
 """Evaluation: pass@k, multiple-choice scoring, generative tasks, the report card."""
 
-import pytest
+import dataclasses
+import itertools
+import json
+from pathlib import Path
 
+import jax
+import numpy as np
+import pytest
+import torch
+from hf_models import gpt2, llama
+
+from llm import hf, model, sharding
+from llm.config import LOGICAL_AXES, SHARDING_PRESETS, ModelConfig
+from llm.evals import bpb, generative
+from llm.evals import multiple_choice as mc
 from llm.evals.passk import mean_pass_at_k, pass_at_k
+from llm.tasks import MultipleChoice, choice_sets, gsm8k
+from llm.tokenizer import read_texts, train_bpe
 
 
 def test_pass_at_k_equals_hand_values():
@@ -23,24 +38,6 @@ def test_pass_at_k_rejects_k_above_n():
 
 
 # ----------------------------------------------------------------------------- multiple choice, generative, launch.eval
-
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from hf_models import gpt2, llama  # noqa: E402
-from llm import hf, model, sharding  # noqa: E402
-from llm.config import LOGICAL_AXES, SHARDING_PRESETS, ModelConfig  # noqa: E402
-from llm.evals import generative  # noqa: E402
-from llm.evals import multiple_choice as mc  # noqa: E402
-from llm.tasks import MultipleChoice, Problem, choice_sets, gsm8k  # noqa: E402
-from llm.tokenizer import read_texts, train_bpe  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EVALS = FIXTURES / "evals"
@@ -238,8 +235,10 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
                       max_seq_len=256)
     params = model.init_params(cfg, jax.random.key(1))
     save_release(str(tmp_path / "run" / "release"), cfg, params, tiny_tok)
-    launch_eval.main(["--checkpoint", str(tmp_path / "run" / "release"), "--tasks", "hellaswag,arc_easy,mmlu_5shot,gsm8k",
-                      "--data-dir", str(EVALS), "--max-new-tokens", "8", "--shots", "1"])
+    launch_eval.main(["--checkpoint", str(tmp_path / "run" / "release"), "--tasks", "hellaswag,arc_easy,mmlu_5shot,gsm8k,bpb",
+                      "--data-dir", str(EVALS), "--max-new-tokens", "8", "--shots", "1",
+                      "--bpb-source", str(FIXTURES / "wikipedia_en_sample.jsonl"), "--bpb-val-fraction", "1",
+                      "--bpb-batches", "2"])
     report = json.loads((tmp_path / "run" / "report.json").read_text())["tasks"]
     assert "| hellaswag | acc_norm |" in (tmp_path / "run" / "report.md").read_text()
     assert "| arc_easy | acc |" in capsys.readouterr().out
@@ -252,6 +251,10 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
     expected = generative.evaluate(generative.engine_for(cfg, params, tiny_tok), problems, gsm8k.grade, chat=False,
                                    max_new_tokens=8, stop_strings=gsm8k.STOP_STRINGS).summary()
     assert report["gsm8k"] == expected
+    mesh, rules = _dp_mesh()
+    assert report["bpb"] == bpb.bits_per_byte(cfg, params, tiny_tok, str(FIXTURES / "wikipedia_en_sample.jsonl"),
+                                              mesh=mesh, rules=rules, batch_size=16, max_batches=2, val_fraction=1.0)
+    assert 0 < report["bpb"]["val_bpb"] < 20
 
 
 GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,6 +1,6 @@
 """The evaluation tasks by name, for `launch.eval`: a new task is one `TASKS` entry.
 
-A multiple-choice entry gives `items(options) -> list[MultipleChoice]`, scored by
+A bits-per-byte entry reads `options.bpb_source` (`llm.evals.bpb`). A multiple-choice entry gives `items(options) -> list[MultipleChoice]`, scored by
 `llm.evals.multiple_choice`; a generative entry gives `problems(options) ->
 list[Problem]` and `grade`, sampled and graded by `llm.evals.generative`. Data
 come from `options.data_dir` (the public files under the names of
@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from llm.evals import generative
+from llm.evals import bpb, generative
 from llm.evals import multiple_choice as mc
 from llm.tasks import choice_sets, gsm8k
 
@@ -39,12 +39,16 @@ class Options:
     tools: bool = True
     batch_size: int = 8
     seed: int = 0
+    # bits per byte
+    bpb_source: str = "sample"  # any text source open_source reads: 'sample', files, 'fineweb-edu', ...
+    bpb_val_fraction: float = 0.01  # its documents in the validation split (by hash, as in pretraining); 1: all
+    bpb_batches: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    kind: str  # "choice" or "generative"
-    load: Callable[[Options], list]
+    kind: str  # "choice", "generative" or "bpb"
+    load: Callable[[Options], list] | None = None
     grade: Callable[[Any, str], bool] | None = None
     stop_strings: tuple[str, ...] = ()  # base-model generation stops (generative tasks)
 
@@ -78,16 +82,27 @@ TASKS: dict[str, Task] = {
         source(o, "evals/mmlu_test.jsonl", "cais/mmlu"), dev=source(o, "evals/mmlu_dev.jsonl", "cais/mmlu"),
         shots=5, chat=o.chat, limit=o.limit)),
     "gsm8k": Task("generative", _gsm8k, grade=gsm8k.grade, stop_strings=gsm8k.STOP_STRINGS),
+    "bpb": Task("bpb"),
 }
 
 
 def run_task(name: str, cfg, params, tokenizer, options: Options, *, mesh=None, rules=None, engine=None,
              on_total: Callable[[int], None] | None = None, on_progress: Callable[[int], None] | None = None
              ) -> dict[str, Any]:
-    """The task's figures (multiple choice: acc, acc_norm, items, truncated; generative: pass@k, problems, ...)."""
+    """The task's figures (multiple choice: acc, acc_norm, items, truncated; generative: pass@k, problems, ...;
+    bpb: val_loss, val_bpb)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     task = TASKS[name]
+    if task.kind == "bpb":
+        if mesh is None:
+            raise ValueError("bits per byte runs on a mesh: pass mesh and rules")
+        figures = bpb.bits_per_byte(cfg, params, tokenizer, options.bpb_source, mesh=mesh, rules=rules,
+                                    batch_size=options.batch_rows, max_batches=options.bpb_batches,
+                                    val_fraction=options.bpb_val_fraction)
+        if on_progress is not None:
+            on_progress(1)
+        return figures
     data = task.load(options)
     if on_total is not None:
         on_total(len(data))
