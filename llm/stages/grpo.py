@@ -19,17 +19,22 @@ Departures: groups whose rewards are all equal are masked out when
 batch shrinks instead); the KL to the starting model is logged always (k3, its
 reference forward is cheap at this size) and enters the loss only with
 `rl.kl_beta` > 0; entropy is estimated from the sampled tokens' -log p, not the
-full distribution. `rl.shuffle_rewards` permutes rewards across the step's
+full distribution. With `rl.require_stop` (the default) a completion cut at
+`max_new_tokens` scores 0 in training and evaluation alike, whatever its text:
+without it the policy learnt to state an answer and ramble on to the limit
+(DAPO's overlong filtering, as a reward). `rl.shuffle_rewards` permutes rewards across the step's
 samples: the control run that must not learn. Rollouts run in one process
 (several processes would step the engine out of lockstep): multi-host GRPO is
 not supported yet and is refused.
 
 Logged per step: reward mean, the batch's pass@1, the shares of all-solved and
-none-solved groups, KL, clip fraction, entropy, completion length, seconds in
-rollout, in the old/reference forward and blocked on training, between rollouts (`step_s`, which includes any
-evaluation in between), rollout tokens/s; every `eval_every` steps the
-held-out pass@1, pass@k (unbiased, Chen et al. 2021) and greedy pass@1 with
-their 95% intervals. At the end, `grpo.png` plots reward and held-out pass@1.
+none-solved groups, KL, clip fraction, entropy, completion length, rollout
+tokens/s and seconds in the rollout, in the old and reference forward, in
+training (from one rollout's end until the params it trained are ready) and
+between rollouts (`step_s`; the last two include any evaluation in between);
+every `eval_every` steps the held-out pass@1, pass@k (unbiased, Chen et al.
+2021) and greedy pass@1 with their 95% intervals. At the end, `grpo.png` plots
+reward and held-out pass@1.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ def base_grpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data
         scale="group",  # advantage scaling: group, batch, none
         drop_degenerate=True,
         shuffle_rewards=False,  # the control: rewards permuted across the step's samples
+        require_stop=True,  # a completion that does not end its turn (cut at max_new_tokens) scores 0, in evals too
         tools=True,  # the calculator, when the tokenizer has its tokens
         eval_problems=100,
         eval_samples=4,  # n per held-out problem; pass@1 and pass@n
@@ -194,7 +200,8 @@ def _interval(values: list[float]) -> float:
 
 
 def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], reward, *, n: int, temperature: float,
-                  max_new_tokens: int, seed: int, greedy: bool, tools: bool, batch_size: int = 64) -> dict[str, float]:
+                  max_new_tokens: int, seed: int, greedy: bool, tools: bool, require_stop: bool = True,
+                  batch_size: int = 64) -> dict[str, float]:
     """Held-out pass@1 and pass@n (n samples at `temperature`) and greedy pass@1, each with its 95% half-interval."""
     engine = _engine(cfg, params, tokenizer, tools)
     prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
@@ -207,12 +214,18 @@ def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], re
         right = []
         for start in range(0, len(prompts), batch_size):
             groups = engine.generate(prompts[start:start + batch_size], sampling)
-            right += [sum(reward(p, s.text) == 1.0 for s in group) for p, group in zip(problems[start:], groups)]
+            right += [sum(_score(reward, p, s, require_stop) == 1.0 for s in group)
+                      for p, group in zip(problems[start:], groups)]
         for k in sorted({1, count}):
             scores = [pass_at_k(count, c, k) for c in right]
             figures[f"heldout/{prefix}pass@{k}"] = float(np.mean(scores))
             figures[f"heldout/{prefix}pass@{k}_ci95"] = _interval(scores)
     return figures
+
+
+def _score(reward, problem: Problem, sample, require_stop: bool) -> float:
+    """The task's reward of a sample; 0 for one cut before it ended its turn when `require_stop`."""
+    return 0.0 if require_stop and sample.finish_reason != "stop" else reward(problem, sample.text)
 
 
 def _engine(cfg, params, tokenizer: Tokenizer, tools: bool) -> Engine:
@@ -252,7 +265,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
     logprob_fn = jax.jit(logprobs)
     stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
-    state: dict[str, Any] = {"cached": None, "reference": None, "last_began": None}
+    state: dict[str, Any] = {"cached": None, "reference": None, "last_began": None, "last_end": None}
 
     def make_rollout(params, step: int):
         began = time.perf_counter()
@@ -265,7 +278,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
                                   seed=config.seed * 1_000_003 + index, stop_token_ids=stops)
         samples = _engine(cfg, params, tokenizer, rc.tools).generate(prompts, sampling)
         sampled = time.perf_counter()
-        rewards_PxG = np.asarray([[task.reward(p, s.text) for s in group] for p, group in zip(problems, samples)])
+        rewards_PxG = np.asarray([[_score(task.reward, p, s, rc.require_stop) for s in group]
+                                  for p, group in zip(problems, samples)])
         correct_PxG = rewards_PxG == 1.0
         if rc.shuffle_rewards:  # the control: the same rewards, on the wrong samples
             rng = np.random.default_rng([config.seed, index])
@@ -283,13 +297,14 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
                 state["reference"] = jax.tree.map(lambda h, p: jax.device_put(h, p.sharding), start, params)
             rows["ref_logprobs"] = np.asarray(logprob_fn(state["reference"], placed))
         scored = time.perf_counter()
-        state["last_began"] = began
+        previous, state["last_began"] = state["last_began"], began
         lengths = [len(s.tokens) for group in samples for s in group]
         figures = {"reward": float(rewards_PxG.mean()),  # a permutation keeps the mean: the control's too
                    **rollout_figures(correct_PxG, degenerate_P, lengths),
                    "rollout_s": sampled - ready, "logprob_s": scored - sampled,
-                   "train_wait_s": ready - began,  # blocked on the previous optimizer step
-                   "step_s": began - state["last_began"] if state["last_began"] else float("nan"),
+                   # From the previous rollout's end until the params it trained are ready: that step's training.
+                   "train_s": ready - state["last_end"] if state["last_end"] else float("nan"),
+                   "step_s": began - previous if previous else float("nan"),
                    "rollout_tok_s": sum(lengths) / max(sampled - ready, 1e-9)}
         A = tc.grad_accum
         micro = [{k: v.reshape(A, -1, *v.shape[1:])[a] for k, v in rows.items()} for a in range(A)]
@@ -301,6 +316,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
             micro, figures = state["cached"]
         else:
             micro, figures = state["cached"][0], {}
+        state["last_end"] = time.perf_counter()
         return micro, figures
 
     def step_figures(metrics: dict[str, float]) -> dict[str, float]:
@@ -313,7 +329,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     def evaluate(params) -> dict[str, float]:
         return evaluate_pass(cfg, params, tokenizer, test_problems, task.reward, n=rc.eval_samples,
                              temperature=rc.eval_temperature, max_new_tokens=rc.max_new_tokens, seed=rc.eval_seed,
-                             greedy=rc.eval_greedy, tools=rc.tools)
+                             greedy=rc.eval_greedy, tools=rc.tools, require_stop=rc.require_stop)
 
     loss_fn = functools.partial(grpo_loss_fn, cfg, eps_low=rc.eps_low, eps_high=rc.eps_high, kl_beta=rc.kl_beta,
                                 aggregation=rc.aggregation, constant_length=rc.max_new_tokens)

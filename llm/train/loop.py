@@ -223,7 +223,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
     writers = _Writers(workdir, start)
     peak = tc.peak_flops or _device_peak_flops()
     summary = Summary(start, math.nan, {}, {})
-    pending = None  # (step, metrics on device) of the step dispatched last
+    pending = None  # (step, metrics on device, host figures) of the step dispatched last
     clock, clock_step = time.perf_counter(), start
     bar = tqdm(total=tc.steps, initial=start, desc=stage_name, disable=jax.process_index() != 0, dynamic_ncols=True)
 
