@@ -140,7 +140,7 @@ def write_conversations(items: Sequence[Interrogation], out: str | Path) -> dict
     """Writes `{"messages": [...]}` JSONL (read by `conversations.read_openai`): all kept ones to `out`, and
     the known and unknown ones each to its own file beside it (`side_path`), so an SFT mixture can weight them.
 
-    Each line also carries `key`, `verdict` and `right` (e.g. "3/4"), which the reader ignores.
+    Each line also carries `key`, `verdict`, `right` (e.g. "3/4") and the model's `samples`, which the reader ignores.
     Returns the count of each verdict (unsure ones counted, not written).
     """
     out = Path(out)
@@ -155,7 +155,8 @@ def write_conversations(items: Sequence[Interrogation], out: str | Path) -> dict
                 if messages is None:
                     continue
                 line = json.dumps({"messages": messages, "key": item.problem.key, "verdict": item.verdict,
-                                   "right": f"{item.right}/{len(item.answers)}"}, ensure_ascii=False) + "\n"
+                                   "right": f"{item.right}/{len(item.answers)}", "samples": list(item.answers)},
+                                  ensure_ascii=False) + "\n"
                 f.write(line)
                 files[item.verdict].write(line)
     finally:
