@@ -286,6 +286,7 @@ def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, 
                  "--config.model.max_seq_len=96", f"--config.data.path={WORDS}", "--config.data.prompts_per_step=4",
                  "--config.data.samples_per_prompt=4", "--config.data.seq_len=80", "--config.rl.max_new_tokens=16",
                  "--config.rl.mu=2", "--config.rl.eval_problems=8", "--config.rl.eval_samples=2",
+                 "--config.rl.require_stop=False",  # a random model never ends its turn
                  "--config.optimizer.learning_rate=1e-2", "--config.train.eval_every=4",
                  "--config.train.checkpoint_every=2", "--config.train.grad_accum=2"]
     workdir = str(tmp_path / "run")
@@ -302,7 +303,8 @@ def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, 
             assert key in steps[step], (step, key)
     assert "rollout_s" not in steps[2] and "clip_fraction" in steps[2]
     assert steps[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
-    assert steps[1]["clip_fraction"] == 0.0 and steps[1]["normalizer"] > 0  # old == current at mu's first step
+    # At a rollout's first step old == current log-probs, so nothing clips: step 3's rollout saw step 2's params.
+    assert steps[1]["clip_fraction"] == 0.0 and steps[3]["clip_fraction"] == 0.0 and steps[1]["normalizer"] > 0
     assert steps[2]["kl"] > 0 and steps[3]["kl"] > 0  # it moved
     assert os.path.exists(os.path.join(workdir, "grpo.png")) and os.path.isdir(os.path.join(workdir, "release"))
     capsys.readouterr()
