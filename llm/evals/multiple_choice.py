@@ -169,7 +169,7 @@ def score(
     rules=None,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[ChoiceScores]:
-    """Every item's per-choice log-likelihoods, `batch_rows` packed rows of `row_len`+ tokens per forward.
+    """Every item's per-choice log-likelihoods, about `batch_rows` x `row_len` packed tokens per forward.
 
     `max_len` (default the model's context) bounds what the model reads of a context
     and choice. With `mesh` and `rules` the rows are sharded over the batch axes (the
@@ -180,11 +180,13 @@ def score(
     longest = max((len(r.ids) - 1 for r in requests), default=1)
     width = min(max_len, max(row_len, 1 << (longest - 1).bit_length()))
     rows = pack(requests, width)
-    n_rows = batch_rows
+    # A forward reads about batch_rows x row_len tokens however long the rows: wider rows (long few-shot
+    # contexts) come fewer at a time, which bounds the [rows, width, vocab] logits in memory.
+    n_rows = max(1, batch_rows * row_len // width)
     placement = None
     if mesh is not None:
         per = _batch_axis_size(mesh, rules)
-        n_rows = -(-batch_rows // per) * per  # every device gets whole rows
+        n_rows = -(-n_rows // per) * per  # every device gets whole rows
         placement = sharding.batch_sharding(mesh, rules)
     totals = np.zeros(len(requests), np.float64)
     left = np.bincount([r.item for r in requests], minlength=len(items))  # choices still unscored, per item
