@@ -235,7 +235,8 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
                       max_seq_len=256)
     params = model.init_params(cfg, jax.random.key(1))
     save_release(str(tmp_path / "run" / "release"), cfg, params, tiny_tok)
-    launch_eval.main(["--checkpoint", str(tmp_path / "run" / "release"), "--tasks", "hellaswag,arc_easy,mmlu_5shot,gsm8k,bpb",
+    launch_eval.main(["--checkpoint", str(tmp_path / "run" / "release"), "--tasks",
+                      "hellaswag,arc_easy,mmlu_5shot,gsm8k,triviaqa,nq_open,spelling,bpb", "--limit", "4",
                       "--data-dir", str(EVALS), "--max-new-tokens", "8", "--shots", "1",
                       "--bpb-source", str(FIXTURES / "wikipedia_en_sample.jsonl"), "--bpb-val-fraction", "1",
                       "--bpb-batches", "2"])
@@ -243,14 +244,17 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
     assert "| hellaswag | acc_norm |" in (tmp_path / "run" / "report.md").read_text()
     assert "| arc_easy | acc |" in capsys.readouterr().out
 
-    options = registry.Options(data_dir=str(EVALS), max_new_tokens=8, shots=1)
+    options = registry.Options(data_dir=str(EVALS), max_new_tokens=8, shots=1, limit=4)
     for name in ("hellaswag", "arc_easy", "mmlu_5shot"):
         items = registry.TASKS[name].load(options)
         assert report[name] == mc.summarize(mc.score(cfg, params, tiny_tok, items))
-    problems = registry.TASKS["gsm8k"].load(options)
-    expected = generative.evaluate(generative.engine_for(cfg, params, tiny_tok), problems, gsm8k.grade, chat=False,
-                                   max_new_tokens=8, stop_strings=gsm8k.STOP_STRINGS).summary()
-    assert report["gsm8k"] == expected
+    for name in ("gsm8k", "triviaqa", "nq_open", "spelling"):
+        task = registry.TASKS[name]
+        problems = task.load(options)
+        assert len(problems) == (3 if name in ("triviaqa", "nq_open") else 4)
+        expected = generative.evaluate(generative.engine_for(cfg, params, tiny_tok), problems, task.grade, chat=False,
+                                       max_new_tokens=8, stop_strings=task.stop_strings).summary()
+        assert report[name] == expected, name
     mesh, rules = _dp_mesh()
     assert report["bpb"] == bpb.bits_per_byte(cfg, params, tiny_tok, str(FIXTURES / "wikipedia_en_sample.jsonl"),
                                               mesh=mesh, rules=rules, batch_size=16, max_batches=2, val_fraction=1.0)

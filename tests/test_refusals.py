@@ -12,7 +12,7 @@ from llm.config import ModelConfig
 from llm.data.conversations import read_openai
 from llm.generate import Engine, SamplingParams
 from llm.release import save_release
-from llm.tasks import Problem, qa, refusals
+from llm.tasks import qa, refusals
 from llm.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

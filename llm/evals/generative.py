@@ -60,7 +60,7 @@ def prompt_ids(tokenizer, problem: Problem, chat: bool) -> list[int]:
         return list(tokenizer.render_for_completion(problem.messages))
     if not problem.text:
         raise ValueError(f"problem {problem.key!r} has no plain text for a base model; evaluate it with chat=True")
-    return [*tokenizer.bos, *tokenizer.encode(problem.text)]
+    return [*tokenizer.document_start, *tokenizer.encode(problem.text)]
 
 
 def evaluate(

@@ -16,7 +16,7 @@ from typing import Any
 
 from llm.evals import bpb, generative
 from llm.evals import multiple_choice as mc
-from llm.tasks import choice_sets, gsm8k
+from llm.tasks import choice_sets, gsm8k, qa, spelling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,19 @@ TASKS: dict[str, Task] = {
         source(o, "evals/mmlu_test.jsonl", "cais/mmlu"), dev=source(o, "evals/mmlu_dev.jsonl", "cais/mmlu"),
         shots=5, chat=o.chat, limit=o.limit)),
     "gsm8k": Task("generative", _gsm8k, grade=gsm8k.grade, stop_strings=gsm8k.STOP_STRINGS),
+    # Closed-book QA: right when the reply's first line is, or contains as whole words, a gold alias (`qa.grade`).
+    "triviaqa": Task("generative", lambda o: qa.problems(
+        source(o, "evals/triviaqa_validation.jsonl", "mandarjoshi/trivia_qa"), limit=o.limit, config="rc.nocontext"),
+        grade=qa.grade, stop_strings=("\n",)),
+    "nq_open": Task("generative", lambda o: qa.problems(
+        source(o, "evals/nq_open_validation.jsonl", "google-research-datasets/nq_open"), limit=o.limit,
+        config="nq_open"),
+        grade=qa.grade, stop_strings=("\n",)),
+    # Letter counting on held-out words (the GRPO task): 200 problems unless limited.
+    "spelling": Task("generative", lambda o: spelling.problems(spelling.read_words(next(
+        (p for p in (os.path.join(o.data_dir, "words", f) for f in ("words_alpha.zip", "words_alpha.txt"))
+         if os.path.exists(p)), os.path.join(o.data_dir, "words/words_alpha.zip"))), o.limit or 200),
+        grade=spelling.grade, stop_strings=gsm8k.STOP_STRINGS),
     "bpb": Task("bpb"),
 }
 
@@ -108,7 +121,7 @@ def run_task(name: str, cfg, params, tokenizer, options: Options, *, mesh=None, 
         on_total(len(data))
     if task.kind == "choice":
         scores = mc.score(cfg, params, tokenizer, data, batch_rows=options.batch_rows, row_len=options.row_len,
-                          max_len=options.max_len, prefix=tokenizer.bos if options.bos else (), mesh=mesh,
+                          max_len=options.max_len, prefix=tokenizer.document_start if options.bos else (), mesh=mesh,
                           rules=rules, on_progress=on_progress)
         return mc.summarize(scores)
     engine = engine or generative.engine_for(cfg, params, tokenizer, tools=options.tools)
