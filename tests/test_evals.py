@@ -235,13 +235,15 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
                       max_seq_len=256)
     params = model.init_params(cfg, jax.random.key(1))
     save_release(str(tmp_path / "run" / "release"), cfg, params, tiny_tok)
+    (tmp_path / "run" / "report.md").write_text("# sft report\n\n- loss: 1.0\n")  # the training stage's report
     launch_eval.main(["--checkpoint", str(tmp_path / "run" / "release"), "--tasks",
                       "hellaswag,arc_easy,mmlu_5shot,gsm8k,triviaqa,nq_open,spelling,bpb", "--limit", "4",
                       "--data-dir", str(EVALS), "--max-new-tokens", "8", "--shots", "1",
                       "--bpb-source", str(FIXTURES / "wikipedia_en_sample.jsonl"), "--bpb-val-fraction", "1",
                       "--bpb-batches", "2"])
     report = json.loads((tmp_path / "run" / "report.json").read_text())["tasks"]
-    assert "| hellaswag | acc_norm |" in (tmp_path / "run" / "report.md").read_text()
+    card = (tmp_path / "run" / "report.md").read_text()
+    assert card.startswith("# sft report\n\n- loss: 1.0\n\n## Report card") and "| hellaswag | acc_norm |" in card
     assert "| arc_easy | acc |" in capsys.readouterr().out
 
     options = registry.Options(data_dir=str(EVALS), max_new_tokens=8, shots=1, limit=4)
