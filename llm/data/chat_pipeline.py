@@ -128,11 +128,11 @@ class _MixtureStream(grain.transforms.MapWithIndex):
     epochs: Mapping[str, float]
     seed: int
     shuffle: bool
+    per_epoch: int  # conversations per mixture epoch: the same every epoch
     _cached: tuple[int, np.ndarray] | None = None  # the epoch being read; the stream reads them in order
 
     def map_with_index(self, k: int, _) -> int:
-        n = len(self.epoch(0))
-        return int(self.epoch(k // n)[k % n])
+        return int(self.epoch(k // self.per_epoch)[k % self.per_epoch])
 
     def epoch(self, e: int) -> np.ndarray:
         if self._cached is None or self._cached[0] != e:
@@ -205,7 +205,7 @@ def make_chat_pipeline(
                          f"render with max_tokens=seq_len + 1")
     per_epoch = len(epoch_indices(rendered, epochs, seed))
     ds = grain.MapDataset.range(per_epoch).repeat(num_epochs).map_with_index(
-        _MixtureStream(rendered, dict(epochs), seed, shuffle))[index::count]
+        _MixtureStream(rendered, dict(epochs), seed, shuffle, per_epoch))[index::count]
     ds = ds.batch(pack_window, batch_fn=list).to_iter_dataset()
     ds = grain.experimental.FlatMapIterDataset(ds, _Pack(rendered, seq_len + 1))
     if shuffle:  # best fit emits long-first rows; mix them
