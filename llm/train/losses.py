@@ -157,3 +157,110 @@ def grpo_loss_fn(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array | N
     return grpo_loss(token_logprobs(cfg, params, batch), batch["old_logprobs"], batch["advantages"],
                      batch["loss_mask"], ref_logprobs_BxT=batch.get("ref_logprobs"),
                      segment_ids_BxT=batch.get("segment_ids"), **options)
+
+
+# ----------------------------------------------------------------------------- preferences (reward model, DPO)
+
+
+def bradley_terry_loss(
+    chosen_B: jax.Array,
+    rejected_B: jax.Array,
+    weights_B: jax.Array,
+    *,
+    margin_B: jax.Array | None = None,
+    center_coef: float = 0.0,
+) -> LossOutput:
+    """The reward model's pairwise loss as (summed loss, pairs, aux sums).
+
+    Bradley-Terry (1952) as used for RLHF reward models (Ouyang et al. 2022, eq. 1):
+    -log sigmoid(r_chosen - r_rejected - margin), the optional margin being how
+    much better the chosen reply was rated (Llama 2, Touvron et al. 2023, eq. 2).
+    `center_coef` adds c * (r_chosen + r_rejected)^2, which pins the rewards'
+    mean near zero without changing their differences (Eisenstein et al. 2023,
+    "Helping or herding?"). `weights_B` is 1 on real pairs and 0 on padding.
+    Aux sums: `pairs`, `correct` (chosen scored higher), `margin` (r_chosen -
+    r_rejected), `reward` and `reward_sq` (of both sides, for the mean and spread).
+    """
+    weights_B = weights_B.astype(jnp.float32)
+    on_B = weights_B > 0
+    diff_B = chosen_B - rejected_B
+    shifted_B = diff_B - (margin_B if margin_B is not None else 0.0)
+    loss_B = -jax.nn.log_sigmoid(shifted_B) + center_coef * jnp.square(chosen_B + rejected_B)
+
+    def total(x_B):
+        return jnp.sum(jnp.where(on_B, x_B * weights_B, 0.0))
+
+    aux = {"pairs": total(jnp.ones_like(diff_B)), "correct": total((diff_B > 0).astype(jnp.float32)),
+           "margin": total(diff_B), "reward": total(chosen_B + rejected_B),
+           "reward_sq": total(jnp.square(chosen_B) + jnp.square(rejected_B))}
+    return total(loss_B), aux["pairs"], aux
+
+
+def dpo_loss(
+    chosen_logp_B: jax.Array,
+    rejected_logp_B: jax.Array,
+    ref_chosen_logp_B: jax.Array,
+    ref_rejected_logp_B: jax.Array,
+    weights_B: jax.Array,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """Direct Preference Optimization's sigmoid loss as (summed loss, pairs, aux sums).
+
+    Rafailov et al. 2023, eq. 7: with implicit rewards beta * (log pi(y|x) -
+    log pi_ref(y|x)), the loss is -log sigmoid(reward_chosen - reward_rejected).
+    `label_smoothing` eps assumes each label is flipped with probability eps
+    (conservative DPO, Mitchell 2023): -(1 - eps) log sigmoid(z) - eps log
+    sigmoid(-z). The log-probabilities are sums over each reply's tokens (or
+    their means, when the caller normalises by length). Aux sums: `pairs`,
+    `correct` (the chosen reply's implicit reward is higher), `margin` (the
+    implicit reward margin), `chosen_reward`, `rejected_reward`, `chosen_logp`
+    and `rejected_logp` (the policy's, to watch the chosen reply's likelihood).
+    """
+    weights_B = weights_B.astype(jnp.float32)
+    on_B = weights_B > 0
+    chosen_reward_B = beta * (chosen_logp_B - ref_chosen_logp_B)
+    rejected_reward_B = beta * (rejected_logp_B - ref_rejected_logp_B)
+    z_B = chosen_reward_B - rejected_reward_B
+    loss_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z_B) - label_smoothing * jax.nn.log_sigmoid(-z_B)
+
+    def total(x_B):
+        return jnp.sum(jnp.where(on_B, x_B * weights_B, 0.0))
+
+    aux = {"pairs": total(jnp.ones_like(z_B)), "correct": total((z_B > 0).astype(jnp.float32)), "margin": total(z_B),
+           "chosen_reward": total(chosen_reward_B), "rejected_reward": total(rejected_reward_B),
+           "chosen_logp": total(chosen_logp_B), "rejected_logp": total(rejected_logp_B)}
+    return total(loss_B), aux["pairs"], aux
+
+
+def sequence_logprobs(cfg: ModelConfig, params: Any, tokens_BxW: jax.Array, mask_BxW: jax.Array, *,
+                      length_normalize: bool = False) -> jax.Array:
+    """Log-probability of each row's masked tokens given what precedes them, summed (or averaged) per row: [B].
+
+    Rows are `preferences.render_pairs`' (tokens and a reply mask of width W); the
+    model reads W - 1 inputs and predicts tokens 1..W-1 (a reply never starts a row).
+    """
+    batch = {"inputs": tokens_BxW[:, :-1], "targets": tokens_BxW[:, 1:]}
+    mask_BxT = mask_BxW[:, 1:].astype(jnp.float32)
+    logprobs_BxT = token_logprobs(cfg, params, batch)
+    summed_B = jnp.sum(jnp.where(mask_BxT > 0, logprobs_BxT * mask_BxT, 0.0), axis=1)
+    return summed_B / jnp.maximum(mask_BxT.sum(axis=1), 1.0) if length_normalize else summed_B
+
+
+def dpo_loss_fn(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array | None = None, *, beta: float = 0.1,
+                label_smoothing: float = 0.0, length_normalize: bool = False) -> LossOutput:
+    """`dpo_loss` of the policy on a pair micro-batch with precomputed reference log-probabilities.
+
+    The micro-batch: `chosen_tokens`, `chosen_mask`, `rejected_tokens`,
+    `rejected_mask` (`preferences.render_pairs`), `ref_chosen_logp`,
+    `ref_rejected_logp` and `weights` (0 on padding pairs). Both sides go through
+    one forward (stacked along the batch).
+    """
+    del rng
+    B = batch["chosen_tokens"].shape[0]
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+    masks = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    logp_2B = sequence_logprobs(cfg, params, tokens, masks, length_normalize=length_normalize)
+    return dpo_loss(logp_2B[:B], logp_2B[B:], batch["ref_chosen_logp"], batch["ref_rejected_logp"], batch["weights"],
+                    beta=beta, label_smoothing=label_smoothing)
