@@ -28,9 +28,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import grain
 import numpy as np
 
 from llm.data.conversations import Errors, Message, _jsonl_records, _plain, check_messages
+from llm.data.pipeline import _process_slice
 from llm.data.sources import DataError, hub_dataset_files, validation_mask
 from llm.tokenizer import Tokenizer
 
@@ -366,3 +368,38 @@ def render_pairs(pairs: Iterable[Pair], tokenizer: Tokenizer, width: int) -> Pai
         arrays |= {f"{side}_tokens": tokens, f"{side}_mask": masks,
                    f"{side}_length": np.asarray([len(ids) for ids in all_ids], np.int32).reshape(len(keys))}
     return PairRows(arrays, keys, dropped)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def pair_batches(rows: PairRows, *, batch_size: int, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+    """Endless batches of training pairs (this process's `batch_size / process_count`), reshuffled every epoch;
+    `iter` of it is checkpointable. Each batch carries `weights` (all 1)."""
+    index, count = _process_slice(process_index, process_count)
+    if batch_size % count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by the {count} processes")
+    if len(rows) == 0:
+        raise DataError("no training pairs left after rendering: " + rows.describe())
+    local = batch_size // count
+    ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()[index::count]
+    return ds.batch(local).map(lambda index_B: rows.take(index_B) | {"weights": np.ones(len(index_B), np.float32)}
+                               ).to_iter_dataset()
+
+
+def padded_pair_batches(rows: PairRows, batch_size: int, process_index: int = 0, process_count: int = 1
+                        ) -> list[dict[str, np.ndarray]]:
+    """This process's slice of every pair, once, in batches of `batch_size / process_count`; the last batches are
+    filled with pairs of weight 0, and every process gets as many batches (evaluation)."""
+    local = batch_size // process_count
+    n_batches = -(-len(rows) // batch_size)
+    mine = np.arange(len(rows))[process_index::process_count]
+    out = []
+    for b in range(n_batches):
+        index = mine[b * local:(b + 1) * local]
+        weights = np.zeros(local, np.float32)
+        weights[:len(index)] = 1.0
+        padded = np.concatenate([index, np.zeros(local - len(index), np.int64)])
+        out.append(rows.take(padded) | {"weights": weights})
+    return out
