@@ -25,7 +25,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # ModelConfig fields that change how the model runs, never its parameters: a run may resume with others.
-EXECUTION_FIELDS = ("scan_layers", "remat", "dtype", "attention_impl")
+EXECUTION_FIELDS = ("scan_layers", "remat", "dtype", "attention_impl", "loss_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,9 @@ class ModelConfig:
     remat: str = "none"
     dtype: str = "auto"  # compute dtype; params stay float32. "auto": bf16 on GPU/TPU, f32 on CPU
     attention_impl: str = "auto"  # "auto" lets JAX pick (cuDNN flash attention on GPU where it applies)
+    # Sequence positions per chunk of the loss's output head + log-softmax (llm/train/losses.py), so the
+    # [B, T, V] logits are never held whole; 0: the full logits at once; -1 "auto": 0 on CPU, 128 on GPU/TPU.
+    loss_chunk: int = -1
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -76,6 +79,7 @@ class ModelConfig:
             self.attention_impl in ATTENTION_IMPLS,
             f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
         )
+        _check(self.loss_chunk >= -1, f"model.loss_chunk must be >= 0 (or -1, auto), got {self.loss_chunk}")
         _check(self.logit_softcap >= 0, f"model.logit_softcap must be >= 0, got {self.logit_softcap}")
         _check(self.rope_factor >= 1, f"model.rope_factor must be >= 1, got {self.rope_factor}")
         if self.family == "llama":
