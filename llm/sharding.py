@@ -159,6 +159,12 @@ def gather_to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def place_host(host_tree: Any, shardings: Any) -> Any:
+    """Host (numpy) arrays as sharded global arrays: each process places only its own devices' shards."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+                        host_tree, shardings)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a `[batch, seq, ...]` input array: batch split, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))

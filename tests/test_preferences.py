@@ -257,3 +257,61 @@ def test_the_shared_hh_rlhf_and_oasst_files_read_with_few_skips():
     oasst = prefs.read_oasst_pairs(os.path.join(SHARED, "chat", "oasst1_en_validation.jsonl"))
     assert len(hh) == 2303 and sum(hh.skipped.values()) == 9
     assert len(oasst) == 711
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+def _dpo_config(tok_path, data, *overrides):
+    return load_config(os.path.join(ROOT, "configs", "dpo_tiny.py"), [
+        "--config.init_from=", f"--config.data.tokenizer={tok_path}", f"--config.model.vocab_size={VOCAB}",
+        "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=4",
+        "--config.model.n_kv_head=2", "--config.model.mlp_dim=64", "--config.model.max_seq_len=128",
+        "--config.data.seq_len=96", "--config.data.batch_size=8", "--config.data.val_fraction=0.25",
+        f"--config.data.sources.hh_harmless.path={data}", f"--config.data.sources.oasst.path={OASST}",
+        "--config.optimizer.learning_rate=3e-3", "--config.optimizer.warmup_steps=2", "--config.train.log_every=5",
+        *overrides])
+
+
+def test_dpo_reference_logprobs_are_the_starting_policy_s_and_the_same_on_eight_devices(tok_path, tok):
+    from llm import sharding
+    from llm.stages import dpo
+
+    params = jax.tree.map(np.asarray, model.init_params(CFG, jax.random.key(3)))
+    rows = prefs.render_pairs(prefs.read_pairs(HH).items[:11], tok, 97)  # 11 pairs: batches of 4 end padded
+    direct = np.asarray(losses.sequence_logprobs(CFG, params, jnp.asarray(rows.arrays["chosen_tokens"]),
+                                                 jnp.asarray(rows.arrays["chosen_mask"])))
+    for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(list(shape.values())))])
+        rules = dict(load_config(os.path.join(ROOT, "configs", "dpo_tiny.py"), []).sharding)
+        import functools
+
+        logp_fn = jax.jit(functools.partial(dpo._pair_logprobs, CFG, mesh, rules, False))
+        placed = sharding.place_host(params, sharding.param_shardings(model.param_axes(CFG), params, mesh, rules))
+        dpo.add_reference_logprobs(logp_fn, placed, rows, 4, mesh, rules)
+        np.testing.assert_allclose(rows.arrays["ref_chosen_logp"], direct, rtol=1e-5)
+
+
+def test_dpo_raises_the_held_out_margin_and_reports_the_chosen_log_probability(tok_path, tmp_path, capsys):
+    from llm.stages import dpo
+
+    data = tmp_path / "pairs.jsonl"
+    _synthetic_pairs(data)
+    config = _dpo_config(tok_path, data, "--config.train.steps=20", "--config.train.eval_every=20",
+                         "--config.train.checkpoint_every=20", "--config.dpo.beta=0.5")
+    summary = dpo.run(config, str(tmp_path / "run"))
+    assert "dpo data:" in capsys.readouterr().out
+    first, last = summary.first_evals, summary.evals
+    # At step 0 the policy is the reference: every implicit reward is 0 (up to float32 rounding).
+    assert abs(first["margin/hh_harmless"]) < 1e-4 and abs(first["chosen_reward/hh_harmless"]) < 1e-4
+    assert last["margin/hh_harmless"] > 1.0 and last["accuracy/hh_harmless"] == 1.0, (first, last)
+    assert "chosen_logp/hh_harmless" in last and "rejected_logp/hh_harmless" in last
+    assert last["rejected_logp/hh_harmless"] < first["rejected_logp/hh_harmless"]
+    cfg, _, _ = load_release_dir(tmp_path / "run" / "release")
+    assert cfg.vocab_size == VOCAB
+
+
+def load_release_dir(path):
+    from llm.release import load_release
+
+    return load_release(str(path))

@@ -370,6 +370,33 @@ def render_pairs(pairs: Iterable[Pair], tokenizer: Tokenizer, width: int) -> Pai
     return PairRows(arrays, keys, dropped)
 
 
+def load_sources(sources: Mapping[str, Mapping[str, Any]], tokenizer: Tokenizer, width: int, val_fraction: float
+                 ) -> tuple[dict[str, PairRows], dict[str, PairRows], list[str]]:
+    """(training rows, held-out rows) per named source, rendered, and log lines saying what was kept and dropped.
+
+    Each source is `{kind, path, [val_fraction], ...reader options}` (a stage config's `data.sources`).
+    """
+    train, val, lines = {}, {}, []
+    for name, spec in sources.items():
+        options = {k: v for k, v in spec.items() if k not in ("kind", "path", "val_fraction")}
+        found = open_pairs(spec["kind"], spec["path"], **options)
+        train_pairs, val_pairs = split_pairs(found.items, spec.get("val_fraction", val_fraction))
+        train[name], val[name] = render_pairs(train_pairs, tokenizer, width), render_pairs(val_pairs, tokenizer, width)
+        lines.append(f"{name} ({spec['kind']}): {found.describe()}; train {train[name].describe()}, "
+                     f"held out {val[name].describe()}")
+    return train, val, lines
+
+
+def concat_rows(parts: Mapping[str, PairRows]) -> PairRows:
+    """One `PairRows` of several sources' rows (a training stream then mixes them in proportion to their sizes)."""
+    dropped = sum((p.dropped for p in parts.values()), start=collections.Counter())
+    kept = [p for p in parts.values() if len(p)]
+    if not kept:
+        return PairRows({}, [], dropped)
+    return PairRows({k: np.concatenate([p.arrays[k] for p in kept]) for k in kept[0].arrays},
+                    [key for p in kept for key in p.keys], dropped)
+
+
 # ----------------------------------------------------------------------------- batches
 
 

@@ -17,7 +17,6 @@ resume are `llm.train.loop`'s; the release is a reward-model release
 
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax
@@ -67,31 +66,6 @@ def base_reward_config(model_name: str = "tiny", sharding_name: str = "fsdp", da
     return config
 
 
-def load_pairs(dc: ml_collections.ConfigDict, tokenizer: Tokenizer, width: int
-               ) -> tuple[dict[str, prefs.PairRows], dict[str, prefs.PairRows], list[str]]:
-    """(training rows, held-out rows) per source, rendered, and the log lines saying what was kept and dropped."""
-    train, val, lines = {}, {}, []
-    for name, spec in dc.sources.items():
-        options = {k: v for k, v in spec.items() if k not in ("kind", "path", "val_fraction")}
-        found = prefs.open_pairs(spec.kind, spec.path, **options)
-        train_pairs, val_pairs = prefs.split_pairs(found.items, spec.get("val_fraction", dc.val_fraction))
-        train[name], val[name] = (prefs.render_pairs(train_pairs, tokenizer, width),
-                                  prefs.render_pairs(val_pairs, tokenizer, width))
-        lines.append(f"{name} ({spec.kind}): {found.describe()}; train {train[name].describe()}, "
-                     f"held out {val[name].describe()}")
-    return train, val, lines
-
-
-def concat_rows(parts: dict[str, prefs.PairRows]) -> prefs.PairRows:
-    """One `PairRows` of several sources' rows (the training stream mixes them in proportion to their sizes)."""
-    kept = [p for p in parts.values() if len(p)]
-    if not kept:
-        return prefs.PairRows({}, [], sum((p.dropped for p in parts.values()), start=collections.Counter()))
-    arrays = {k: np.concatenate([p.arrays[k] for p in kept]) for k in kept[0].arrays}
-    return prefs.PairRows(arrays, [key for p in kept for key in p.keys],
-                          sum((p.dropped for p in parts.values()), start=collections.Counter()))
-
-
 def longer_wins(rows: prefs.PairRows) -> float:
     """Held-out accuracy of the baseline "the longer reply wins" (in reply tokens; a tie counts half)."""
     chosen, rejected = rows.arrays["chosen_mask"].sum(axis=1), rows.arrays["rejected_mask"].sum(axis=1)
@@ -113,8 +87,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
     micro_batch = dc.batch_size // tc.grad_accum
 
-    train_parts, val_parts, lines = load_pairs(dc, tokenizer, dc.seq_len)
-    train = concat_rows(train_parts)
+    train_parts, val_parts, lines = prefs.load_sources(dc.sources, tokenizer, dc.seq_len, dc.val_fraction)
+    train = prefs.concat_rows(train_parts)
     described = f"{len(train)} training pairs; " + "; ".join(lines)
     if jax.process_index() == 0:
         print("reward data:\n  " + "\n  ".join(lines))

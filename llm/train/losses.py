@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm import model
+from llm import model, reward_model
 from llm.config import ModelConfig
 from llm.sharding import constrain
 
@@ -296,7 +296,7 @@ def bradley_terry_loss(
     `center_coef` adds c * (r_chosen + r_rejected)^2, which pins the rewards'
     mean near zero without changing their differences (Eisenstein et al. 2023,
     "Helping or herding?"). `weights_B` is 1 on real pairs and 0 on padding.
-    Aux sums: `pairs`, `correct` (chosen scored higher), `margin` (r_chosen -
+    Aux sums: `pairs`, `correct` (chosen scored higher; a tie half), `margin` (r_chosen -
     r_rejected), `reward` and `reward_sq` (of both sides, for the mean and spread).
     """
     weights_B = weights_B.astype(jnp.float32)
@@ -308,7 +308,9 @@ def bradley_terry_loss(
     def total(x_B):
         return jnp.sum(jnp.where(on_B, x_B * weights_B, 0.0))
 
-    aux = {"pairs": total(jnp.ones_like(diff_B)), "correct": total((diff_B > 0).astype(jnp.float32)),
+    # A tie counts half, as for any baseline scored on the same pairs (a zero head ties every pair).
+    correct_B = (diff_B > 0).astype(jnp.float32) + 0.5 * (diff_B == 0).astype(jnp.float32)
+    aux = {"pairs": total(jnp.ones_like(diff_B)), "correct": total(correct_B),
            "margin": total(diff_B), "reward": total(chosen_B + rejected_B),
            "reward_sq": total(jnp.square(chosen_B) + jnp.square(rejected_B))}
     return total(loss_B), aux["pairs"], aux
@@ -382,3 +384,20 @@ def dpo_loss_fn(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array | No
     logp_2B = sequence_logprobs(cfg, params, tokens, masks, length_normalize=length_normalize)
     return dpo_loss(logp_2B[:B], logp_2B[B:], batch["ref_chosen_logp"], batch["ref_rejected_logp"], batch["weights"],
                     beta=beta, label_smoothing=label_smoothing)
+
+
+def reward_loss_fn(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array | None = None, *,
+                   center_coef: float = 0.0) -> LossOutput:
+    """`bradley_terry_loss` of a reward model (`{"backbone", "head"}` params) on a pair micro-batch.
+
+    The micro-batch: `chosen_tokens`, `chosen_length`, `rejected_tokens`,
+    `rejected_length` (`preferences.render_pairs`), `weights` (0 on padding pairs)
+    and optionally `margin`. Both sides go through one forward.
+    """
+    del rng
+    B = batch["chosen_tokens"].shape[0]
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+    lengths = jnp.concatenate([batch["chosen_length"], batch["rejected_length"]])
+    rewards_2B = reward_model.scores(cfg, params, tokens, lengths)
+    return bradley_terry_loss(rewards_2B[:B], rewards_2B[B:], batch["weights"], margin_B=batch.get("margin"),
+                              center_coef=center_coef)

@@ -199,10 +199,7 @@ def init_train_state(init_fn: Callable[[jax.Array], Any], optimizer: optax.Gradi
 
 def place_params(host_params: Any, layout: StateLayout) -> Any:
     """Host (numpy) params as sharded global arrays: each process places only its own devices' shards."""
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
-        host_params, layout.param_shardings,
-    )
+    return sharding.place_host(host_params, layout.param_shardings)
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, params: Any, layout: StateLayout) -> Any:

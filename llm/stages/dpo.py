@@ -1,0 +1,154 @@
+"""Direct Preference Optimization: the policy learns from preference pairs directly, no reward model, no sampling.
+
+    python -m launch.dpo --config configs/dpo_tiny.py --workdir runs/dpo
+
+What is the stage's own: the pair sources (the reward stage's `data.sources`,
+`llm/data/preferences.py`), split into train and held-out pairs by prompt; the
+reference log-probabilities of every pair's two replies, computed once at the
+start from the starting model (`init_from`, the SFT policy) and kept beside the
+pairs, so no reference model is held during training (as TRL's
+`precompute_ref_log_probs`); the loss `dpo_loss_fn` (Rafailov et al. 2023, with
+`dpo.beta`, `dpo.label_smoothing` and optional length normalisation). Held-out
+figures: the implicit reward margin beta * (log-ratio chosen - log-ratio
+rejected), its accuracy, each side's implicit reward, and the policy's mean
+log-probability of the chosen and the rejected replies (the chosen one often
+falls while the margin rises: DPO pushes the two apart, not the chosen one up).
+Steps, logs, checkpoints, resume and the release (a policy `launch.chat` opens)
+are `llm.train.loop`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llm import model, sharding
+from llm.config import model_config
+from llm.data import preferences as prefs
+from llm.data.pipeline import HostBatches
+from llm.stages.reward import base_reward_config
+from llm.tokenizer import Tokenizer
+from llm.train import loop
+from llm.train.losses import dpo_loss_fn, sequence_logprobs
+
+NAME = "dpo"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
+    """Runs (or resumes) DPO as configured."""
+    return loop.run(NAME, build, config, workdir)
+
+
+def base_dpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
+                    ) -> ml_collections.ConfigDict:
+    """The reward stage's pair data (data.*) and DPO's knobs (dpo.*); configs start here."""
+    config = base_reward_config(model_name, sharding_name, data_dir)
+    del config.reward
+    config.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1,  # the implicit reward's scale (the KL penalty's inverse strength)
+        label_smoothing=0.0,  # conservative DPO: the probability that a label is flipped
+        length_normalize=False,  # mean instead of summed log-probabilities per reply
+    ))
+    config.optimizer.update(learning_rate=1e-6, warmup_steps=10, weight_decay=0.0)
+    return config
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+    dc, pc, tc = config.data, config.dpo, config.train
+    if config.init_from:
+        cfg, initial_params, tokenizer = loop.load_init_from(config)
+    else:  # a fresh policy (tests): its own init is the reference
+        cfg, tokenizer = model_config(config), Tokenizer.load(dc.tokenizer)
+        initial_params = jax.tree.map(np.asarray, model.init_params(cfg, jax.random.key(config.seed)))
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
+    if dc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={dc.seq_len} is longer than the model's context {cfg.max_seq_len}")
+    if dc.batch_size % tc.grad_accum:
+        raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
+    micro_batch = dc.batch_size // tc.grad_accum
+    # A row holds W = seq_len + 1 tokens: the model reads the first seq_len and predicts the last seq_len.
+    train_parts, val_parts, lines = prefs.load_sources(dc.sources, tokenizer, dc.seq_len + 1, dc.val_fraction)
+    train = prefs.concat_rows(train_parts)
+    if jax.process_index() == 0:
+        print("dpo data:\n  " + "\n  ".join(lines))
+
+    mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
+    logp_fn = jax.jit(functools.partial(_pair_logprobs, cfg, mesh, rules, pc.length_normalize),
+                      out_shardings=NamedSharding(mesh, PartitionSpec()))
+    reference = sharding.place_host(initial_params, sharding.param_shardings(
+        model.param_axes(cfg), initial_params, mesh, rules))
+    for rows in [train, *val_parts.values()]:
+        add_reference_logprobs(logp_fn, reference, rows, micro_batch, mesh, rules)
+    del reference
+
+    num_shards = dc.num_shards or jax.process_count()
+    batches = HostBatches(
+        lambda i, n: prefs.pair_batches(train, batch_size=micro_batch, seed=config.seed, process_index=i,
+                                        process_count=n), num_shards, jax.process_index(), jax.process_count())
+    loss_fn = functools.partial(dpo_loss_fn, cfg, beta=pc.beta, label_smoothing=pc.label_smoothing,
+                                length_normalize=pc.length_normalize)
+
+    def eval_sums(params, batch):
+        with sharding.use_rules(mesh, rules):
+            return loss_fn(params, batch)
+
+    eval_fn = jax.jit(eval_sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    val_batches = {name: prefs.padded_pair_batches(rows, micro_batch, jax.process_index(), jax.process_count())
+                   for name, rows in val_parts.items() if len(rows)}
+
+    def evaluate(params) -> dict[str, float]:
+        figures = {}
+        for name, source_batches in val_batches.items():
+            figures |= {f"{k}/{name}": v for k, v in dpo_figures(eval_fn, params, source_batches, mesh, rules).items()}
+        return figures
+
+    return loop.Stage(
+        cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
+        init_params=functools.partial(model.init_params, cfg), loss_fn=loss_fn, batches=batches,
+        initial_params=initial_params, tokens_per_step=2 * dc.batch_size * dc.seq_len,
+        flops_per_token=model.flops_per_token(cfg, dc.seq_len), evaluate=evaluate,
+        describe=f"{len(train)} training pairs, beta {pc.beta}, label smoothing {pc.label_smoothing}"
+                 + (", length-normalised" if pc.length_normalize else "") + "; " + "; ".join(lines),
+    )
+
+
+def _pair_logprobs(cfg, mesh, rules, length_normalize, params, batch):
+    with sharding.use_rules(mesh, rules):
+        return tuple(sequence_logprobs(cfg, params, batch[f"{side}_tokens"], batch[f"{side}_mask"],
+                                       length_normalize=length_normalize) for side in ("chosen", "rejected"))
+
+
+def add_reference_logprobs(logp_fn, params, rows: prefs.PairRows, micro_batch: int, mesh, rules) -> None:
+    """Writes `ref_chosen_logp` and `ref_rejected_logp` [N] into `rows.arrays`: the reference's log-probabilities.
+
+    Every process takes part in every batch (its slice of the pairs) and gets
+    every pair's values back, so each can later draw any pair.
+    """
+    count, local = jax.process_count(), micro_batch // jax.process_count()
+    chosen, rejected = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
+    slices = [np.arange(len(rows))[p::count] for p in range(count)]
+    for b, batch in enumerate(prefs.padded_pair_batches(rows, micro_batch, jax.process_index(), count)):
+        c_B, r_B = jax.device_get(logp_fn(params, sharding.shard_batch(batch, mesh, rules)))
+        for p, mine in enumerate(slices):  # global row j of the batch is process j // local's row j % local
+            index = mine[b * local:(b + 1) * local]
+            chosen[index], rejected[index] = c_B[p * local:p * local + len(index)], r_B[p * local:p * local + len(index)]
+    rows.arrays["ref_chosen_logp"], rows.arrays["ref_rejected_logp"] = chosen, rejected
+
+
+def dpo_figures(eval_fn, params, batches: list[dict[str, np.ndarray]], mesh, rules) -> dict[str, float]:
+    """Held-out means per pair: `loss`, `accuracy`, `margin` (implicit reward margin), `chosen_reward`,
+    `rejected_reward`, and the policy's `chosen_logp` and `rejected_logp`."""
+    total: dict[str, float] = {}
+    for batch in batches:
+        loss_sum, _, aux = jax.device_get(eval_fn(params, sharding.shard_batch(batch, mesh, rules)))
+        for k, v in {"loss": loss_sum, **aux}.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    pairs = total.pop("pairs", 0.0)
+    if not pairs:
+        return {}
+    return {("accuracy" if k == "correct" else k): v / pairs for k, v in total.items()}
