@@ -16,6 +16,7 @@ from llm.stages.dpo import base_dpo_config
 def get_config():
     config = base_dpo_config(model_name="tiny", sharding_name="fsdp")
     config.init_from = "runs/sft/release"
+    config.data.sources.oasst.val_fraction = 0.3  # as configs/reward_tiny.py: few oasst1 pairs fit 256 tokens
     config.optimizer.update(learning_rate=5e-5, warmup_steps=10)
     config.train.update(steps=200, log_every=10, eval_every=50, checkpoint_every=100)
     return config
