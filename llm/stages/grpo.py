@@ -173,14 +173,6 @@ def rollout_rows(prompts: list[list[int]], samples: list[list[Any]], width: int)
     return {"inputs": inputs, "targets": targets, "loss_mask": mask}
 
 
-def rollout_figures(correct_PxG: np.ndarray, degenerate_P: np.ndarray, lengths: list[int]) -> dict[str, float]:
-    """What one rollout looked like: the batch's pass@1 and the shares of all-solved and none-solved groups."""
-    solved_P = correct_PxG.all(axis=1)
-    return {"pass1_batch": float(correct_PxG.mean()), "solved_all": float(solved_P.mean()),
-            "solved_none": float((~correct_PxG.any(axis=1)).mean()), "degenerate": float(degenerate_P.mean()),
-            "completion_len": float(np.mean(lengths))}
-
-
 class _Position:
     """The data position saved with checkpoints: rollouts derive from the step alone, so there is nothing to save."""
 
@@ -236,89 +228,130 @@ def _engine(cfg, params, tokenizer: Tokenizer, tools: bool) -> Engine:
 # ----------------------------------------------------------------------------- the stage
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
-    dc, rc, tc = config.data, config.rl, config.train
+def load_policy(config: ml_collections.ConfigDict) -> tuple[Any, Any, Tokenizer]:
+    """(model config, host params or None, tokenizer) of the policy a policy-gradient stage starts from."""
     if jax.process_count() > 1:
-        raise NotImplementedError("GRPO rollouts run in one process; multi-host GRPO is not supported yet")
+        raise NotImplementedError("policy-gradient rollouts run in one process; multi-host RL is not supported yet")
     if config.init_from:
         cfg, initial_params, tokenizer = loop.load_init_from(config)
     else:  # a fresh model: tests only (it has nothing to be rewarded for)
         from llm.config import model_config
 
-        cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(dc.tokenizer)
+        cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(config.data.tokenizer)
     if tokenizer.chat_template is None:
         raise ValueError(f"{tokenizer.name} has no chat format this project can render")
-    P, G = dc.prompts_per_step, dc.samples_per_prompt
-    if (P * G) % tc.grad_accum:
-        raise ValueError(f"prompts_per_step * samples_per_prompt = {P * G} rows do not split into "
-                         f"train.grad_accum={tc.grad_accum} micro-batches")
-    if rc.kl_beta and not rc.reference:
-        raise ValueError("rl.kl_beta > 0 needs rl.reference=True")
-    task = make_task(dc)
-    test_problems = task.test_problems(rc.eval_problems, rc.eval_seed)
-    mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
-    placement = sharding.batch_sharding(mesh, rules)
+    return cfg, initial_params, tokenizer
 
-    def logprobs(params, batch):
-        with sharding.use_rules(mesh, rules):
-            return token_logprobs(cfg, params, batch)
 
-    logprob_fn = jax.jit(logprobs)
-    stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
-    state: dict[str, Any] = {"cached": None, "reference": None, "last_began": None, "last_end": None}
+# (problems, their samples) -> (rewards [P, G], figures of the rollout to log)
+Scorer = Callable[[list[Problem], list[list[Any]]], tuple[np.ndarray, dict[str, float]]]
 
-    def make_rollout(params, step: int):
+
+def score_by_task(task: Task, require_stop: bool, problems: list[Problem], samples: list[list[Any]]
+                  ) -> tuple[np.ndarray, dict[str, float]]:
+    """A verifiable task's rewards, and the batch's pass@1 and shares of all-solved and none-solved groups."""
+    rewards_PxG = np.asarray([[_score(task.reward, p, s, require_stop) for s in group]
+                              for p, group in zip(problems, samples)])
+    correct_PxG = rewards_PxG == 1.0
+    return rewards_PxG, {"pass1_batch": float(correct_PxG.mean()), "solved_all": float(correct_PxG.all(axis=1).mean()),
+                         "solved_none": float((~correct_PxG.any(axis=1)).mean())}
+
+
+class PolicyRollouts:
+    """The on-policy half of GRPO and RLHF: each rollout's rows, advantages, old and reference log-probabilities.
+
+    `train_problems(index, P)` gives a rollout's prompts, `score` its rewards;
+    the rest (sampling through the engine, group advantages, masks, timing, the
+    reference) is the same for a verifiable task and for a reward model. Called by
+    the loop as `Stage.rollout(params, step)`; `step_figures` turns the step's
+    summed loss aux into clip fraction, KL and entropy.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, cfg, tokenizer: Tokenizer, initial_params,
+                 train_problems: Callable[[int, int], list[Problem]], score: Scorer):
+        dc, rc, tc = config.data, config.rl, config.train
+        self.config, self.cfg, self.tokenizer, self.initial_params = config, cfg, tokenizer, initial_params
+        self.train_problems, self.score = train_problems, score
+        self.P, self.G = dc.prompts_per_step, dc.samples_per_prompt
+        if (self.P * self.G) % tc.grad_accum:
+            raise ValueError(f"prompts_per_step * samples_per_prompt = {self.P * self.G} rows do not split into "
+                             f"train.grad_accum={tc.grad_accum} micro-batches")
+        if rc.kl_beta and not rc.reference:
+            raise ValueError("rl.kl_beta > 0 needs rl.reference=True")
+        mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
+        self.placement = sharding.batch_sharding(mesh, rules)
+
+        def logprobs(params, batch):
+            with sharding.use_rules(mesh, rules):
+                return token_logprobs(cfg, params, batch)
+
+        self.logprob_fn = jax.jit(logprobs)
+        self.stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
+        self.cached, self._reference, self.last_began, self.last_end = None, None, None, None
+
+    def reference(self, params):
+        """The starting model, placed as `params` are (kept after the first call)."""
+        if self._reference is None:
+            start = self.initial_params if self.initial_params is not None else sharding.gather_to_host(params)
+            self._reference = jax.tree.map(lambda h, p: jax.device_put(h, p.sharding), start, params)
+        return self._reference
+
+    def row_logprobs(self, params, rows: dict[str, np.ndarray]) -> np.ndarray:
+        placed = {k: jax.make_array_from_process_local_data(self.placement, rows[k]) for k in ("inputs", "targets")}
+        return np.asarray(self.logprob_fn(params, placed))
+
+    def sample(self, params, prompts: list[list[int]], *, n: int, seed: int, temperature: float):
+        sampling = SamplingParams(max_new_tokens=self.config.rl.max_new_tokens, temperature=temperature, n=n,
+                                  seed=seed, stop_token_ids=self.stops)
+        return _engine(self.cfg, params, self.tokenizer, self.config.rl.tools).generate(prompts, sampling)
+
+    def make_rollout(self, params, step: int):
+        config, rc, dc = self.config, self.config.rl, self.config.data
         began = time.perf_counter()
         jax.block_until_ready(params)  # the previous optimizer step's work: the training share of the step
         ready = time.perf_counter()
         index = (step - 1) // rc.mu
-        problems = task.train_problems(config.seed * 1_000_003 + index, P)
-        prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
-        sampling = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, n=G,
-                                  seed=config.seed * 1_000_003 + index, stop_token_ids=stops)
-        samples = _engine(cfg, params, tokenizer, rc.tools).generate(prompts, sampling)
+        problems = self.train_problems(config.seed * 1_000_003 + index, self.P)
+        prompts = [self.tokenizer.render_for_completion(p.messages) for p in problems]
+        samples = self.sample(params, prompts, n=self.G, seed=config.seed * 1_000_003 + index,
+                              temperature=rc.temperature)
         sampled = time.perf_counter()
-        rewards_PxG = np.asarray([[_score(task.reward, p, s, rc.require_stop) for s in group]
-                                  for p, group in zip(problems, samples)])
-        correct_PxG = rewards_PxG == 1.0
+        rewards_PxG, figures = self.score(problems, samples)
         if rc.shuffle_rewards:  # the control: the same rewards, on the wrong samples
             rng = np.random.default_rng([config.seed, index])
             rewards_PxG = rng.permutation(rewards_PxG.ravel()).reshape(rewards_PxG.shape)
         advantages_PxG, degenerate_P = group_advantages(rewards_PxG, rc.scale)
         rows = rollout_rows(prompts, samples, dc.seq_len)
         if rc.drop_degenerate:
-            rows["loss_mask"] *= np.repeat(~degenerate_P, G)[:, None]
+            rows["loss_mask"] *= np.repeat(~degenerate_P, self.G)[:, None]
         rows["advantages"] = advantages_PxG.ravel()
-        placed = {k: jax.make_array_from_process_local_data(placement, rows[k]) for k in ("inputs", "targets")}
-        rows["old_logprobs"] = np.asarray(logprob_fn(params, placed))
+        rows["old_logprobs"] = self.row_logprobs(params, rows)
         if rc.reference:
-            if state["reference"] is None:  # the starting model, placed as the params are
-                start = initial_params if initial_params is not None else sharding.gather_to_host(params)
-                state["reference"] = jax.tree.map(lambda h, p: jax.device_put(h, p.sharding), start, params)
-            rows["ref_logprobs"] = np.asarray(logprob_fn(state["reference"], placed))
+            rows["ref_logprobs"] = self.row_logprobs(self.reference(params), rows)
         scored = time.perf_counter()
-        previous, state["last_began"] = state["last_began"], began
+        previous, self.last_began = self.last_began, began
         lengths = [len(s.tokens) for group in samples for s in group]
         figures = {"reward": float(rewards_PxG.mean()),  # a permutation keeps the mean: the control's too
-                   **rollout_figures(correct_PxG, degenerate_P, lengths),
+                   **figures, "degenerate": float(degenerate_P.mean()), "completion_len": float(np.mean(lengths)),
                    "rollout_s": sampled - ready, "logprob_s": scored - sampled,
                    # From the previous rollout's end until the params it trained are ready: that step's training.
-                   "train_s": ready - state["last_end"] if state["last_end"] else float("nan"),
+                   "train_s": ready - self.last_end if self.last_end else float("nan"),
                    "step_s": began - previous if previous else float("nan"),
                    "rollout_tok_s": sum(lengths) / max(sampled - ready, 1e-9)}
-        A = tc.grad_accum
+        A = config.train.grad_accum
         micro = [{k: v.reshape(A, -1, *v.shape[1:])[a] for k, v in rows.items()} for a in range(A)]
         return micro, figures
 
-    def rollout(params, step: int):
-        if (step - 1) % rc.mu == 0 or state["cached"] is None:
-            state["cached"] = make_rollout(params, step)
-            micro, figures = state["cached"]
+    def __call__(self, params, step: int):
+        if (step - 1) % self.config.rl.mu == 0 or self.cached is None:
+            self.cached = self.make_rollout(params, step)
+            micro, figures = self.cached
         else:
-            micro, figures = state["cached"][0], {}
-        state["last_end"] = time.perf_counter()
+            micro, figures = self.cached[0], {}
+        self.last_end = time.perf_counter()
         return micro, figures
 
+    @staticmethod
     def step_figures(metrics: dict[str, float]) -> dict[str, float]:
         tokens = metrics.get("tokens", 0.0)
         if not tokens:
@@ -326,19 +359,31 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         return {"clip_fraction": metrics["clipped_tokens"] / tokens, "kl": metrics["kl"] / tokens,
                 "entropy": metrics["neg_logprob"] / tokens}
 
+    def loss_fn(self):
+        rc = self.config.rl
+        return functools.partial(grpo_loss_fn, self.cfg, eps_low=rc.eps_low, eps_high=rc.eps_high,
+                                 kl_beta=rc.kl_beta, aggregation=rc.aggregation, constant_length=rc.max_new_tokens)
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+    dc, rc = config.data, config.rl
+    cfg, initial_params, tokenizer = load_policy(config)
+    task = make_task(dc)
+    test_problems = task.test_problems(rc.eval_problems, rc.eval_seed)
+    rollouts = PolicyRollouts(config, cfg, tokenizer, initial_params, task.train_problems,
+                              functools.partial(score_by_task, task, rc.require_stop))
+
     def evaluate(params) -> dict[str, float]:
         return evaluate_pass(cfg, params, tokenizer, test_problems, task.reward, n=rc.eval_samples,
                              temperature=rc.eval_temperature, max_new_tokens=rc.max_new_tokens, seed=rc.eval_seed,
                              greedy=rc.eval_greedy, tools=rc.tools, require_stop=rc.require_stop)
 
-    loss_fn = functools.partial(grpo_loss_fn, cfg, eps_low=rc.eps_low, eps_high=rc.eps_high, kl_beta=rc.kl_beta,
-                                aggregation=rc.aggregation, constant_length=rc.max_new_tokens)
     return loop.Stage(
         cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
-        init_params=functools.partial(model.init_params, cfg), loss_fn=loss_fn, batches=_Position(),
-        initial_params=initial_params, evaluate=evaluate, rollout=rollout, step_figures=step_figures,
-        describe=(f"task {dc.task}: {P} prompts x {G} samples per rollout, mu {rc.mu}, {len(test_problems)} held-out "
-                  f"problems; aggregation {rc.aggregation}, advantages {rc.scale}"
+        init_params=functools.partial(model.init_params, cfg), loss_fn=rollouts.loss_fn(), batches=_Position(),
+        initial_params=initial_params, evaluate=evaluate, rollout=rollouts, step_figures=rollouts.step_figures,
+        describe=(f"task {dc.task}: {rollouts.P} prompts x {rollouts.G} samples per rollout, mu {rc.mu}, "
+                  f"{len(test_problems)} held-out problems; aggregation {rc.aggregation}, advantages {rc.scale}"
                   + (", rewards shuffled (control)" if rc.shuffle_rewards else "")),
     )
 
