@@ -99,16 +99,22 @@ class RewardModel:
     def load(cls, directory: str) -> RewardModel:
         return cls(*load(directory))
 
-    def score(self, conversations: Sequence[Sequence[Mapping[str, Any]]], batch_size: int = 16) -> np.ndarray:
+    def score(self, conversations: Sequence[Sequence[Mapping[str, Any]]], batch_size: int = 16, *,
+              keep_end: bool = False) -> np.ndarray:
         """The reward of each conversation, rendered in the tokenizer's chat format: float32 [N].
 
         Rows are padded to the next power of two (at most the context), so a few
-        shapes are compiled; a conversation longer than the context is an error
-        naming it, never silently cut.
+        shapes are compiled. A conversation longer than the context is an error
+        naming it, never silently cut, unless `keep_end`: then its last
+        `max_seq_len` tokens are scored (the reply, and as much before it as fits;
+        RL scores its samples so, rather than stop midway).
         """
         rendered = [self.tokenizer.render_conversation(list(c))[0] for c in conversations]
         for i, ids in enumerate(rendered):
             if len(ids) > self.cfg.max_seq_len:
+                if keep_end:
+                    rendered[i] = ids[-self.cfg.max_seq_len:]
+                    continue
                 raise ValueError(f"conversation {i} is {len(ids)} tokens, longer than the reward model's context "
                                  f"of {self.cfg.max_seq_len}")
         out = []

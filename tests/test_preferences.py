@@ -183,8 +183,12 @@ def test_a_score_is_the_same_alone_and_in_a_padded_batch_and_after_save_and_load
     reward_model.save(str(tmp_path / "rm"), CFG, jax.device_get(params), tok)
     np.testing.assert_allclose(reward_model.RewardModel.load(str(tmp_path / "rm")).score(conversations), together,
                                rtol=1e-5, atol=1e-6)
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     with pytest.raises(ValueError, match="longer than the reward model's context"):
-        rm.score([[{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]])
+        rm.score([long])
+    ids = tok.render_conversation(long)[0][-CFG.max_seq_len:]  # keep_end: the last tokens that fit
+    np.testing.assert_allclose(rm.score([long], keep_end=True),
+                               reward_model.scores(CFG, params, jnp.asarray([ids]), jnp.asarray([len(ids)])), rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="not a reward-model release"):
         reward_model.RewardModel.load(str(tmp_path / "nothing"))
 

@@ -173,7 +173,7 @@ def rollout_rows(prompts: list[list[int]], samples: list[list[Any]], width: int)
     return {"inputs": inputs, "targets": targets, "loss_mask": mask}
 
 
-class _Position:
+class RolloutPosition:
     """The data position saved with checkpoints: rollouts derive from the step alone, so there is nothing to save."""
 
     def get_state(self) -> bytes:
@@ -195,7 +195,7 @@ def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], re
                   max_new_tokens: int, seed: int, greedy: bool, tools: bool, require_stop: bool = True,
                   batch_size: int = 64) -> dict[str, float]:
     """Held-out pass@1 and pass@n (n samples at `temperature`) and greedy pass@1, each with its 95% half-interval."""
-    engine = _engine(cfg, params, tokenizer, tools)
+    engine = engine_for(cfg, params, tokenizer, tools)
     prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
     stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
     figures = {}
@@ -220,7 +220,8 @@ def _score(reward, problem: Problem, sample, require_stop: bool) -> float:
     return 0.0 if require_stop and sample.finish_reason != "stop" else reward(problem, sample.text)
 
 
-def _engine(cfg, params, tokenizer: Tokenizer, tools: bool) -> Engine:
+def engine_for(cfg, params, tokenizer: Tokenizer, tools: bool) -> Engine:
+    """The engine on `params` as they are placed (sharded on the training mesh), with the calculator if asked."""
     use = tools and tokenizer.has_tool("python")
     return Engine(cfg, params, tokenizer, tools={"python": Calculator()} if use else None)
 
@@ -288,6 +289,7 @@ class PolicyRollouts:
         self.logprob_fn = jax.jit(logprobs)
         self.stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
         self.cached, self._reference, self.last_began, self.last_end = None, None, None, None
+        self.step = 0  # the step of the last call: what an evaluation right after it measured
 
     def reference(self, params):
         """The starting model, placed as `params` are (kept after the first call)."""
@@ -303,7 +305,7 @@ class PolicyRollouts:
     def sample(self, params, prompts: list[list[int]], *, n: int, seed: int, temperature: float):
         sampling = SamplingParams(max_new_tokens=self.config.rl.max_new_tokens, temperature=temperature, n=n,
                                   seed=seed, stop_token_ids=self.stops)
-        return _engine(self.cfg, params, self.tokenizer, self.config.rl.tools).generate(prompts, sampling)
+        return engine_for(self.cfg, params, self.tokenizer, self.config.rl.tools).generate(prompts, sampling)
 
     def make_rollout(self, params, step: int):
         config, rc, dc = self.config, self.config.rl, self.config.data
@@ -343,6 +345,7 @@ class PolicyRollouts:
         return micro, figures
 
     def __call__(self, params, step: int):
+        self.step = step
         if (step - 1) % self.config.rl.mu == 0 or self.cached is None:
             self.cached = self.make_rollout(params, step)
             micro, figures = self.cached
@@ -380,7 +383,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
     return loop.Stage(
         cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
-        init_params=functools.partial(model.init_params, cfg), loss_fn=rollouts.loss_fn(), batches=_Position(),
+        init_params=functools.partial(model.init_params, cfg), loss_fn=rollouts.loss_fn(), batches=RolloutPosition(),
         initial_params=initial_params, evaluate=evaluate, rollout=rollouts, step_figures=rollouts.step_figures,
         describe=(f"task {dc.task}: {rollouts.P} prompts x {rollouts.G} samples per rollout, mu {rc.mu}, "
                   f"{len(test_problems)} held-out problems; aggregation {rc.aggregation}, advantages {rc.scale}"

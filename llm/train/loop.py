@@ -72,6 +72,8 @@ class Stage:
     # current sharded params in place of `batches`; `batches` then only carries the data position for checkpoints.
     rollout: Callable[[Any, int], tuple[list[dict[str, np.ndarray]], dict[str, float]]] | None = None
     step_figures: Callable[[dict[str, float]], dict[str, float]] | None = None  # summed step metrics -> ratios to log
+    # Checked after each evaluation: True ends the run there (checkpoint, release, report), e.g. RLHF's monitor.
+    should_stop: Callable[[], bool] | None = None
 
 
 @dataclasses.dataclass
@@ -294,10 +296,14 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
             if jax.process_index() == 0:
                 for text in stage.sample(host):
                     bar.write(f"step {step:6d} | sample | {text!r}")
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
+        stop = stage.should_stop is not None and stage.should_stop()
+        if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
             flush()  # never checkpoint a step whose loss was not checked
             checkpointer.save(step, params, opt_state, config=config, tokenizer=stage.tokenizer,
                               data_iterator=stage.batches, run=run_item)
+        if stop:
+            bar.write(f"step {step:6d} | stopped early by the stage (see the log above)")
+            break
     flush()
     bar.close()
     checkpointer.wait()

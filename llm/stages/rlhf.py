@@ -1,0 +1,328 @@
+"""RLHF: GRPO's loop with rewards from a learned reward model, a KL penalty to the SFT policy, and a hacking monitor.
+
+    python -m launch.rlhf --config configs/rlhf_tiny.py --workdir runs/rlhf
+    python -m launch.rlhf --config configs/overoptimization_tiny.py --workdir runs/overopt/rlhf
+
+Per rollout (Ouyang et al. 2022, with GRPO's group baseline in place of PPO's
+value network, as in DeepSeekMath): P prompts x G samples from the policy, each
+scored by the proxy reward model (`rlhf.reward_model`, a `launch.reward`
+release) on the whole conversation; the scores are standardised over the batch
+(`rlhf.normalize`), then group advantages and `grpo_loss` with the k3 KL to the
+starting policy (`rl.kl_beta` > 0 by default here). A completion cut at
+`rl.max_new_tokens` gets the batch's lowest score (`rl.require_stop`).
+
+The reward-hacking monitor: every `eval_every` steps, on fixed held-out prompts
+(one sample each at `rl.eval_temperature`), the proxy's mean score, a judge's
+(`rlhf.judge`: "gold", the task's programmatic preference; or a second reward
+model's release, trained on a disjoint split of the pairs), the sequence KL to
+the starting policy (the mean over samples of sum log pi - log pi_ref), the
+completion length and the share of distinct uni- and bigrams. The best judge
+score's policy is kept as a release in `workdir/best_judge`. When, for
+`rlhf.patience` evaluations in a row, the proxy stands above its value at the
+best judge score while the judge stands below that best (by more than
+`rlhf.tolerance`), the monitor says so in the log and the report, and with
+`rlhf.stop_on_hacking` ends the run. `rlhf.png` plots proxy and judge against
+steps and against KL, the best and the alarm marked (Gao et al. 2022 plot gold
+and proxy reward against KL distance the same way).
+
+The gold preference of the over-optimisation experiment ("right answer first,
+then shorter is better") is `gold_score`; `label_pairs` samples a policy and
+labels pairs of its replies with it, the data a proxy reward model learns from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import random
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from llm import model, reward_model, sharding
+from llm.data import preferences as prefs
+from llm.generate import SamplingParams
+from llm.release import save_release
+from llm.stages import grpo
+from llm.tasks import Problem
+from llm.train import loop
+
+NAME = "rlhf"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
+    """Runs (or resumes) RLHF as configured; writes `rlhf.png` and the monitor's verdict into the report."""
+    summary = loop.run(NAME, functools.partial(build, monitor_file=os.path.join(workdir, "monitor.json")),
+                       config, workdir)
+    if jax.process_index() == 0:
+        plot_monitor(workdir)
+    return summary
+
+
+def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
+                     ) -> ml_collections.ConfigDict:
+    """GRPO's config (data.*, rl.*) with the reward model, the judge and the monitor (rlhf.*); configs start here."""
+    config = grpo.base_grpo_config(model_name, sharding_name, data_dir)
+    config.data.task = "pairs"  # prompts of preference pairs (data.path); or a verifiable task (spelling, ...)
+    config.data.path = f"{data_dir}/preference/hh_rlhf_harmless_base_test.jsonl.gz"
+    config.data.pairs_kind = "jsonl"  # for task "pairs": how to read data.path (preferences.open_pairs)
+    config.rl.update(kl_beta=0.05, tools=False, eval_samples=1, eval_greedy=False)
+    config.rlhf = ml_collections.ConfigDict(dict(
+        reward_model="runs/reward/release",  # the proxy: a `launch.reward` release
+        normalize=True,  # standardise the proxy's scores over each rollout batch
+        judge="",  # "": none; "gold": the task's programmatic preference (gold_score); or a reward-model release
+        gold_length_bonus=0.5,  # judge "gold": a right answer scores 1, plus up to this much for being short
+        patience=3,  # evaluations in a row with the proxy up and the judge down before the alarm
+        tolerance=0.0,  # how far below its best the judge must be to count as down
+        stop_on_hacking=False,  # end the run at the alarm (the best judge's policy is kept either way)
+    ))
+    return config
+
+
+# ----------------------------------------------------------------------------- judges and the gold preference
+
+
+def gold_score(task_reward: Callable[[Problem, str], float], length_bonus: float, max_tokens: int,
+               problem: Problem, text: str, n_tokens: int) -> float:
+    """The experiment's hidden preference: the task's reward (1 for a right answer), then shorter is better.
+
+    score = reward + length_bonus * (1 - n_tokens / max_tokens); with a bonus
+    below 1, any right answer beats any wrong one, and among equals the shorter wins.
+    """
+    return task_reward(problem, text) + length_bonus * (1.0 - min(n_tokens, max_tokens) / max_tokens)
+
+
+def _conversations(problems: list[Problem], samples: list[list[Any]]) -> list[list[dict]]:
+    return [[*p.messages, {"role": "assistant", "content": s.text}] for p, group in zip(problems, samples)
+            for s in group]
+
+
+def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task | None
+               ) -> Callable[[list[Problem], list[list[Any]]], np.ndarray] | None:
+    """(problems, samples) -> judge scores [P * G], or None without a judge."""
+    if not hc.judge:
+        return None
+    if hc.judge == "gold":
+        if task is None or task.reward is None:
+            raise ValueError("rlhf.judge='gold' needs a verifiable data.task (spelling, arithmetic, gsm8k)")
+        gold = functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
+        return lambda problems, samples: np.asarray([gold(p, s.text, len(s.tokens)) for p, group in
+                                                     zip(problems, samples) for s in group], np.float64)
+    judge = reward_model.RewardModel.load(hc.judge)
+    return lambda problems, samples: judge.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
+
+
+def pair_prompts(dc: ml_collections.ConfigDict) -> grpo.Task:
+    """Prompts of preference pairs as a task without a reward: train and held-out prompts split by prompt."""
+    found = prefs.open_pairs(dc.pairs_kind, dc.path)
+    train, test = prefs.split_pairs(found.items, 0.1)
+    unique = lambda pairs: list({p.split_key: Problem(messages=p.prompt, answer="", key=p.split_key)  # noqa: E731
+                                 for p in pairs}.values())
+    train, test = unique(train), unique(test)
+    if not train or not test:
+        raise ValueError(f"{dc.path}: no prompts to train on or hold out ({found.describe()})")
+    return grpo.Task(lambda index, n: random.Random(index).sample(train, min(n, len(train))),
+                     lambda n, seed: random.Random(seed).sample(test, min(n, len(test))), None)
+
+
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams of the samples (Li et al. 2016): near 0 when the policy repeats itself."""
+    grams = [tuple(t[i:i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ----------------------------------------------------------------------------- the monitor
+
+
+@dataclasses.dataclass
+class HackingMonitor:
+    """Watches the proxy and the judge at each evaluation; remembers the best judge and raises the alarm.
+
+    The alarm: `patience` evaluations in a row where the proxy is above its value
+    at the best judge score and the judge is below that best by more than `tolerance`.
+    """
+
+    patience: int
+    tolerance: float = 0.0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    best: dict[str, float] | None = None
+    alarm: dict[str, float] | None = None
+    streak: int = 0
+
+    def update(self, step: int, proxy: float, judge: float) -> tuple[bool, str]:
+        """(is this the best judge so far, a message for the log when the alarm goes off now, else "")."""
+        point = {"step": step, "proxy": proxy, "judge": judge}
+        self.history.append(point)
+        if self.best is None or judge > self.best["judge"]:
+            self.best, self.streak = point, 0
+            return True, ""
+        hacked = proxy > self.best["proxy"] and judge < self.best["judge"] - self.tolerance
+        self.streak = self.streak + 1 if hacked else 0
+        if self.streak >= self.patience and self.alarm is None:
+            self.alarm = point
+            return False, (f"reward hacking: for {self.streak} evaluations the proxy rose above "
+                           f"{self.best['proxy']:.4f} (its value at the best judge score) while the judge fell from "
+                           f"{self.best['judge']:.4f} (step {self.best['step']}) to {judge:.4f}; the best judge's "
+                           f"policy is kept in best_judge/")
+        return False, ""
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best, "alarm": self.alarm, "streak": self.streak}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.history, self.best, self.alarm, self.streak = (state["history"], state["best"], state["alarm"],
+                                                            state["streak"])
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "") -> loop.Stage:
+    dc, rc, hc = config.data, config.rl, config.rlhf
+    cfg, initial_params, tokenizer = grpo.load_policy(config)
+    task = pair_prompts(dc) if dc.task == "pairs" else grpo.make_task(dc)
+    proxy = reward_model.RewardModel.load(hc.reward_model)
+    if proxy.tokenizer.name != tokenizer.name or proxy.tokenizer.n_vocab != tokenizer.n_vocab:
+        print(f"note: the reward model's tokenizer ({proxy.tokenizer.name}) is not the policy's ({tokenizer.name}); "
+              f"replies are scored as text, rendered in its own chat format")
+    judge = make_judge(rc, hc, task)
+    if hc.patience < 1:
+        raise ValueError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
+    test_problems = task.test_problems(rc.eval_problems, rc.eval_seed)
+
+    def score(problems: list[Problem], samples: list[list[Any]]) -> tuple[np.ndarray, dict[str, float]]:
+        raw = proxy.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
+        figures = {"proxy_reward": float(raw.mean())}
+        if judge is not None:
+            figures["judge_reward"] = float(judge(problems, samples).mean())
+        ended = np.asarray([s.finish_reason == "stop" for group in samples for s in group])
+        if rc.require_stop and not ended.all():  # a cut reply is worth the least of the batch, whatever its text
+            raw = np.where(ended, raw, raw.min())
+        if hc.normalize:
+            raw = (raw - raw.mean()) / (raw.std() if raw.std() > 0 else 1.0)
+        return raw.reshape(len(problems), -1), figures
+
+    rollouts = grpo.PolicyRollouts(config, cfg, tokenizer, initial_params, task.train_problems, score)
+    monitor = HackingMonitor(hc.patience, hc.tolerance)
+    if monitor_file and os.path.exists(monitor_file):  # a resumed run keeps what the monitor saw
+        with open(monitor_file) as f:
+            monitor.restore(json.load(f))
+
+    def evaluate(params) -> dict[str, float]:
+        prompts = [tokenizer.render_for_completion(p.messages) for p in test_problems]
+        samples = rollouts.sample(params, prompts, n=1, seed=rc.eval_seed, temperature=rc.eval_temperature)
+        rows = grpo.rollout_rows(prompts, samples, dc.seq_len)
+        log_ratio = (rollouts.row_logprobs(params, rows) - rollouts.row_logprobs(rollouts.reference(params), rows))
+        tokens = [s.tokens for [s] in samples]
+        figures = {"eval/proxy": float(proxy.score(_conversations(test_problems, samples), keep_end=True).mean()),
+                   "eval/kl": float(np.sum(log_ratio * rows["loss_mask"]) / len(samples)),
+                   "eval/length": float(np.mean([len(t) for t in tokens])),
+                   "eval/distinct_1": distinct_n(tokens, 1), "eval/distinct_2": distinct_n(tokens, 2)}
+        if judge is None:
+            return figures
+        figures["eval/judge"] = float(judge(test_problems, samples).mean())
+        best, message = monitor.update(rollouts.step, figures["eval/proxy"], figures["eval/judge"])
+        if best:
+            save_release(os.path.join(workdir, "best_judge"), cfg, sharding.gather_to_host(params), tokenizer)
+        if message:
+            print(message)
+        figures |= {"monitor/best_judge_step": float(monitor.best["step"]), "monitor/alarm": float(bool(monitor.alarm))}
+        if monitor_file:
+            with open(monitor_file, "w") as f:
+                json.dump(monitor.state(), f)
+        return figures
+
+    return loop.Stage(
+        cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
+        init_params=functools.partial(model.init_params, cfg), loss_fn=rollouts.loss_fn(),
+        batches=grpo.RolloutPosition(),
+        initial_params=initial_params, evaluate=evaluate, rollout=rollouts, step_figures=rollouts.step_figures,
+        should_stop=lambda: bool(hc.stop_on_hacking and monitor.alarm),
+        describe=(f"prompts: {dc.task}; proxy {hc.reward_model}; judge {hc.judge or 'none'}; {rollouts.P} prompts x "
+                  f"{rollouts.G} samples per rollout, kl_beta {rc.kl_beta}"),
+    )
+
+
+# ----------------------------------------------------------------------------- gold-labelled pairs
+
+
+def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int, seed: int = 0) -> list[dict]:
+    """Preference pairs labelled by the gold preference: `samples` replies of the starting policy per training
+    prompt of the task, every two replies with different gold scores a pair (the higher one chosen).
+
+    Records are `{"prompt": messages, "chosen", "rejected", "gold_chosen", "gold_rejected"}` (`read_pairs` reads them).
+    """
+    rc, hc = config.rl, config.rlhf
+    cfg, params, tokenizer = grpo.load_policy(config)
+    task = grpo.make_task(config.data)
+    gold = functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
+    problems = task.train_problems(10_000_019 + seed, n_prompts)  # not the RL run's rollout draws
+    engine = grpo.engine_for(cfg, params, tokenizer, rc.tools)
+    stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
+    sampling = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, n=samples, seed=seed,
+                                   stop_token_ids=stops)
+    groups = engine.generate([tokenizer.render_for_completion(p.messages) for p in problems], sampling)
+    records = []
+    for problem, group in zip(problems, groups):
+        scored = [(gold(problem, s.text, len(s.tokens)), s.text) for s in group if s.finish_reason == "stop"]
+        for i, (a_score, a) in enumerate(scored):
+            for b_score, b in scored[i + 1:]:
+                if a_score != b_score and a.strip() != b.strip():
+                    (hi, hi_text), (lo, lo_text) = sorted([(a_score, a), (b_score, b)], reverse=True)
+                    records.append({"prompt": list(problem.messages), "chosen": hi_text, "rejected": lo_text,
+                                    "gold_chosen": hi, "gold_rejected": lo})
+    return records
+
+
+# ----------------------------------------------------------------------------- the plot
+
+
+def plot_monitor(workdir: str) -> None:
+    """rlhf.png: proxy and judge on the held-out prompts against steps and against KL; linked from report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if "eval/proxy" in line]
+    if not rows:
+        return
+    monitor = {}
+    if os.path.exists(os.path.join(workdir, "monitor.json")):
+        with open(os.path.join(workdir, "monitor.json")) as f:
+            monitor = json.load(f)
+    steps = [r["step"] for r in rows]
+    kl = [r["eval/kl"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x, label in ((axes[0], steps, "step"), (axes[1], kl, "KL to the starting policy (nats per reply)")):
+        ax.plot(x, [r["eval/proxy"] for r in rows], "o-", label="proxy reward model")
+        if "eval/judge" in rows[0]:
+            ax.plot(x, [r["eval/judge"] for r in rows], "s-", label="judge (gold)")
+        for key, style, what in (("best", "g--", "best judge"), ("alarm", "r:", "monitor's alarm")):
+            point = monitor.get(key)
+            if point:
+                at = point["step"] if x is steps else kl[steps.index(point["step"])]
+                ax.axvline(at, color=style[0], linestyle=style[1:], label=f"{what} (step {point['step']})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean score on held-out prompts")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "rlhf.png"), dpi=100)
+    plt.close(fig)
+    report = os.path.join(workdir, "report.md")
+    if os.path.exists(report):
+        verdict = ""
+        if monitor.get("alarm"):
+            verdict = (f"\nReward hacking detected at step {monitor['alarm']['step']}: the proxy kept rising while the "
+                       f"judge fell from its best ({monitor['best']['judge']:.4f} at step {monitor['best']['step']}; "
+                       f"that policy is in best_judge/).\n")
+        elif monitor.get("best"):
+            best = monitor["best"]
+            verdict = f"\nNo reward hacking detected; best judge {best['judge']:.4f} at step {best['step']}.\n"
+        with open(report, "a") as f:
+            f.write(verdict + "\n![proxy and judge against steps and KL](rlhf.png)\n")

@@ -1,0 +1,109 @@
+"""RLHF: the gold preference and distinct-n by hand, the hacking monitor on fixed sequences, the stage end to end."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from llm import reward_model
+from llm.config import ModelConfig, load_config
+from llm.stages import rlhf
+from llm.tasks import Problem
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = os.path.join(ROOT, "tests", "fixtures", "chat", "words_alpha_slice.txt")
+
+
+def test_gold_score_puts_a_right_answer_first_then_shortness():
+    problem = Problem(messages=({"role": "user", "content": "?"},), answer="3")
+
+    def right(p, text):
+        return float(text.endswith("#### 3"))
+
+    # right, 20 of 100 tokens: 1 + 0.5 * 0.8 = 1.4; wrong and 1 token: 0 + 0.5 * 0.99 = 0.495
+    assert rlhf.gold_score(right, 0.5, 100, problem, "... #### 3", 20) == pytest.approx(1.4)
+    assert rlhf.gold_score(right, 0.5, 100, problem, "#### 2", 1) == pytest.approx(0.495)
+    assert rlhf.gold_score(right, 0.5, 100, problem, "#### 3", 250) == pytest.approx(1.0)  # cut at the limit
+
+
+def test_distinct_n_by_hand():
+    # unigrams: 1 2 1 2 | 3 -> 3 distinct of 5; bigrams: (1,2) (2,1) (1,2) -> 2 of 3 (the one-token sample has none)
+    assert rlhf.distinct_n([[1, 2, 1, 2], [3]], 1) == pytest.approx(3 / 5)
+    assert rlhf.distinct_n([[1, 2, 1, 2], [3]], 2) == pytest.approx(2 / 3)
+    assert rlhf.distinct_n([[7]], 2) == 0.0
+
+
+def test_the_monitor_keeps_the_best_judge_and_alarms_after_patience_evaluations_of_proxy_up_judge_down():
+    monitor = rlhf.HackingMonitor(patience=2)
+    #        step  proxy judge  -> best?  why
+    seq = [(0, 0.0, 0.50),  # best (first)
+           (10, 0.5, 0.70),  # best
+           (20, 0.9, 0.60),  # proxy above 0.5, judge below 0.7: streak 1
+           (30, 0.4, 0.65),  # proxy below its value at the best: streak resets
+           (40, 1.2, 0.55),  # streak 1
+           (50, 1.5, 0.40),  # streak 2: alarm
+           (60, 1.8, 0.30)]  # still hacked; the alarm stays the first one
+    bests, messages = [], []
+    for step, proxy, judge in seq:
+        best, message = monitor.update(step, proxy, judge)
+        bests.append(best)
+        messages.append(message)
+    assert bests == [True, True, False, False, False, False, False]
+    assert [bool(m) for m in messages] == [False] * 5 + [True, False]
+    assert monitor.best == {"step": 10, "proxy": 0.5, "judge": 0.7} and monitor.alarm["step"] == 50
+    assert "from 0.7000 (step 10) to 0.4000" in messages[5]
+    restored = rlhf.HackingMonitor(patience=2)
+    restored.restore(json.loads(json.dumps(monitor.state())))
+    assert restored.state() == monitor.state()
+
+
+def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_the_alarm(tmp_path, monkeypatch):
+    from llm.data import conversations as conv
+    from llm.tasks import spelling
+    from llm.tokenizer import Tokenizer, train_bpe
+
+    words = spelling.read_words(WORDS)
+    texts = [m["content"] for w in words[:150] for m in conv.spelling_messages(w, w[0])]
+    tok_path = str(tmp_path / "tok.tiktoken")
+    train_bpe(texts, 384, name="spell", progress=False).save(tok_path)
+    cfg = ModelConfig(family="llama", vocab_size=384, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, mlp_dim=64,
+                      max_seq_len=96, tie_embeddings=True)
+    params = reward_model.init_params(cfg, jax.random.key(1))
+    params["head"] = {"kernel": np.linspace(-1, 1, cfg.n_embd).astype(np.float32), "bias": np.float32(0.0)}
+    reward_model.save(str(tmp_path / "rm"), cfg, jax.device_get(params), Tokenizer.load(tok_path))
+
+    class AlarmAtThirdEvaluation(rlhf.HackingMonitor):
+        def update(self, step, proxy, judge):
+            best, message = super().update(step, proxy, judge)
+            if len(self.history) == 3 and self.alarm is None:
+                self.alarm, message = self.history[-1], "reward hacking: (forced by the test)"
+            return best, message
+
+    monkeypatch.setattr(rlhf, "HackingMonitor", AlarmAtThirdEvaluation)
+    overrides = ["--config.init_from=", f"--config.data.tokenizer={tok_path}", "--config.model.vocab_size=384",
+                 "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.mlp_dim=64",
+                 "--config.model.max_seq_len=96", f"--config.data.path={WORDS}", "--config.data.prompts_per_step=4",
+                 "--config.data.samples_per_prompt=4", "--config.data.seq_len=80", "--config.rl.max_new_tokens=16",
+                 "--config.rl.eval_problems=8", "--config.rl.require_stop=False",
+                 f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.stop_on_hacking=True",
+                 "--config.optimizer.learning_rate=1e-2", "--config.train.eval_every=1", "--config.train.steps=5",
+                 "--config.train.checkpoint_every=5"]
+    workdir = tmp_path / "run"
+    summary = rlhf.run(load_config(os.path.join(ROOT, "configs", "overoptimization_tiny.py"), overrides), str(workdir))
+    assert summary.step == 2  # evaluations at steps 0, 1, 2: the alarm at the third stops the run there
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    steps = {r["step"]: r for r in rows if "loss" in r}
+    assert sorted(steps) == [1, 2]
+    for key in ("proxy_reward", "judge_reward", "reward", "kl", "entropy", "completion_len"):
+        assert key in steps[1], key
+    evals = [r for r in rows if "eval/proxy" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert abs(evals[0]["eval/kl"]) < 1e-4  # the policy is the reference at step 0
+    for key in ("eval/judge", "eval/length", "eval/distinct_2", "monitor/best_judge_step"):
+        assert key in evals[-1], key
+    assert evals[-1]["monitor/alarm"] == 1.0
+    assert (workdir / "best_judge" / "model.safetensors").exists() and (workdir / "rlhf.png").exists()
+    assert "Reward hacking detected at step 2" in (workdir / "report.md").read_text()
+    assert (workdir / "checkpoints" / "2").exists()  # the stopping step is checkpointed
