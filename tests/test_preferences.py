@@ -99,6 +99,46 @@ def test_oasst_siblings_give_adjacent_ranked_pairs_with_the_path_as_prompt():
     assert {p.group for p in train}.isdisjoint({p.group for p in val})  # one tree's pairs share a side
 
 
+def test_hub_pairs_are_read_from_parquet_messages_jsonl_transcripts_and_oasst_rows(tmp_path, monkeypatch):
+    import gzip
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hh = prefs.read_pairs(HH)
+    with open(HH, "rb") as f, gzip.open(tmp_path / "test.jsonl.gz", "wb") as g:  # Anthropic/hh-rlhf's layout
+        shutil.copyfileobj(f, g)
+    pq.write_table(pa.Table.from_pylist([  # ultrafeedback_binarized's layout: whole conversations per side
+        {"prompt": p.prompt[-1]["content"], "chosen": [*p.prompt, {"role": "assistant", "content": p.chosen}],
+         "rejected": [*p.prompt, {"role": "assistant", "content": p.rejected}]} for p in hh]),
+        tmp_path / "train_prefs-0.parquet")
+    rows = [json.loads(line) for line in open(OASST)]
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("message_id", "parent_id", "role", "text", "rank",
+                                                            "deleted", "review_result", "message_tree_id")}
+                                         for r in rows]), tmp_path / "validation-0.parquet")
+    expected = {"test.jsonl.gz": [(p.prompt, p.chosen, p.rejected) for p in hh],
+                "validation-0.parquet": [(p.prompt, p.chosen, p.rejected) for p in prefs.read_oasst_pairs(OASST)]}
+    for name, want in expected.items():
+        monkeypatch.setattr(prefs, "hub_dataset_files", lambda *a, name=name, **k: [str(tmp_path / name)])
+        assert [(p.prompt, p.chosen, p.rejected) for p in prefs.read_hub_pairs("some/dataset")] == want
+    monkeypatch.setattr(prefs, "hub_dataset_files", lambda *a, **k: [str(tmp_path / "train_prefs-0.parquet")])
+    got = prefs.read_hub_pairs("some/dataset", "train_prefs")
+    # whole conversations per side: their shared prefix is the prompt (the record's "prompt" is its last turn only)
+    assert [(p.prompt, p.chosen, p.rejected) for p in got] == expected["test.jsonl.gz"]
+
+
+def test_hub_pairs_offline_fail_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from llm.data.preferences import read_hub_pairs\nread_hub_pairs('Anthropic/hh-rlhf', 'test')"
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ConnectionError: cannot fetch Anthropic/hh-rlhf (split test)" in proc.stderr and "local files" in proc.stderr
+
+
 def test_rendering_masks_only_the_reply_and_drops_pairs_longer_than_the_row(tok):
     pairs = prefs.read_pairs(HH).items[:6]
     rows = prefs.render_pairs(pairs, tok, 64)

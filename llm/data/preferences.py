@@ -2,8 +2,10 @@
 
     read_pairs(path)              JSONL, any of three shapes (detected per line):
                                   {"prompt": str | messages, "chosen": str | messages, "rejected": ...}
-                                  (TRL's explicit prompt), {"chosen": messages, "rejected": messages}
-                                  (the shared prefix is the prompt), or Anthropic HH-RLHF transcripts
+                                  (TRL's explicit prompt; when both sides are whole conversations, as in
+                                  UltraFeedback, their shared prefix is the prompt), {"chosen": messages,
+                                  "rejected": messages} (the shared prefix is the prompt), or Anthropic
+                                  HH-RLHF transcripts
                                   {"chosen": "\\n\\nHuman: ... \\n\\nAssistant: ...", "rejected": ...}
     read_oasst_pairs(path)        OpenAssistant trees: adjacent human-ranked sibling replies (rank i over i + 1)
     read_hub_pairs(repo_id, ...)  a Hugging Face dataset by id (parquet or JSONL files of one split)
@@ -156,6 +158,9 @@ def pair_from_record(record: Mapping[str, Any]) -> tuple[Any, Any, Any] | None:
     if chosen is None or rejected is None:
         return None
     if "prompt" in record:
+        chosen, rejected = _plain(chosen), _plain(rejected)
+        if isinstance(chosen, list) and isinstance(rejected, list) and min(len(chosen), len(rejected)) > 1:
+            return split_shared_prefix(chosen, rejected)  # whole conversations (UltraFeedback): the prefix is the prompt
         prompt = record["prompt"]
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
