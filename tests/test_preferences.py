@@ -261,8 +261,9 @@ def _synthetic_pairs(path, n=48):
                                 "rejected": "No. Go away."}) + "\n")
 
 
-def _reward_config(tok_path, data, *overrides):
-    return load_config(os.path.join(ROOT, "configs", "reward_tiny.py"), [
+def _pair_config(config_file, tok_path, data, *overrides):
+    """A tiny fresh model on the synthetic pairs, through the reward or DPO config."""
+    return load_config(os.path.join(ROOT, "configs", config_file), [
         "--config.init_from=", f"--config.data.tokenizer={tok_path}", f"--config.model.vocab_size={VOCAB}",
         "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=4",
         "--config.model.n_kv_head=2", "--config.model.mlp_dim=64", "--config.model.max_seq_len=128",
@@ -277,7 +278,7 @@ def test_the_stage_learns_a_preference_and_releases_a_reward_model_that_scores(t
 
     data = tmp_path / "pairs.jsonl"
     _synthetic_pairs(data)
-    config = _reward_config(tok_path, data, "--config.train.steps=30", "--config.train.eval_every=30",
+    config = _pair_config("reward_tiny.py", tok_path, data, "--config.train.steps=30", "--config.train.eval_every=30",
                             "--config.train.checkpoint_every=30")
     summary = reward.run(config, str(tmp_path / "run"))
     out = capsys.readouterr().out
@@ -306,17 +307,6 @@ def test_the_shared_hh_rlhf_and_oasst_files_read_with_few_skips():
 # ----------------------------------------------------------------------------- DPO
 
 
-def _dpo_config(tok_path, data, *overrides):
-    return load_config(os.path.join(ROOT, "configs", "dpo_tiny.py"), [
-        "--config.init_from=", f"--config.data.tokenizer={tok_path}", f"--config.model.vocab_size={VOCAB}",
-        "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=4",
-        "--config.model.n_kv_head=2", "--config.model.mlp_dim=64", "--config.model.max_seq_len=128",
-        "--config.data.seq_len=96", "--config.data.batch_size=8", "--config.data.val_fraction=0.25",
-        f"--config.data.sources.hh_harmless.path={data}", f"--config.data.sources.oasst.path={OASST}",
-        "--config.optimizer.learning_rate=3e-3", "--config.optimizer.warmup_steps=2", "--config.train.log_every=5",
-        *overrides])
-
-
 def test_dpo_reference_logprobs_are_the_starting_policy_s_and_the_same_on_eight_devices(tok_path, tok):
     from llm import sharding
     from llm.stages import dpo
@@ -341,7 +331,7 @@ def test_dpo_raises_the_held_out_margin_and_reports_the_chosen_log_probability(t
 
     data = tmp_path / "pairs.jsonl"
     _synthetic_pairs(data)
-    config = _dpo_config(tok_path, data, "--config.train.steps=20", "--config.train.eval_every=20",
+    config = _pair_config("dpo_tiny.py", tok_path, data, "--config.train.steps=20", "--config.train.eval_every=20",
                          "--config.train.checkpoint_every=20", "--config.dpo.beta=0.5")
     summary = dpo.run(config, str(tmp_path / "run"))
     assert "dpo data:" in capsys.readouterr().out

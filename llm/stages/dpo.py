@@ -30,7 +30,7 @@ from llm import model, sharding
 from llm.config import model_config
 from llm.data import preferences as prefs
 from llm.data.pipeline import HostBatches
-from llm.stages.reward import base_reward_config
+from llm.stages.reward import base_reward_config, held_out_evaluator
 from llm.tokenizer import Tokenizer
 from llm.train import loop
 from llm.train.losses import dpo_loss_fn, sequence_logprobs
@@ -93,19 +93,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     loss_fn = functools.partial(dpo_loss_fn, cfg, beta=pc.beta, label_smoothing=pc.label_smoothing,
                                 length_normalize=pc.length_normalize)
 
-    def eval_sums(params, batch):
-        with sharding.use_rules(mesh, rules):
-            return loss_fn(params, batch)
-
-    eval_fn = jax.jit(eval_sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
     val_batches = {name: prefs.padded_pair_batches(rows, micro_batch, jax.process_index(), jax.process_count())
                    for name, rows in val_parts.items() if len(rows)}
-
-    def evaluate(params) -> dict[str, float]:
-        figures = {}
-        for name, source_batches in val_batches.items():
-            figures |= {f"{k}/{name}": v for k, v in dpo_figures(eval_fn, params, source_batches, mesh, rules).items()}
-        return figures
+    evaluate = held_out_evaluator(loss_fn, val_batches, mesh, rules, dpo_figures)
 
     return loop.Stage(
         cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
@@ -140,15 +130,8 @@ def add_reference_logprobs(logp_fn, params, rows: prefs.PairRows, micro_batch: i
     rows.arrays["ref_chosen_logp"], rows.arrays["ref_rejected_logp"] = chosen, rejected
 
 
-def dpo_figures(eval_fn, params, batches: list[dict[str, np.ndarray]], mesh, rules) -> dict[str, float]:
+def dpo_figures(total: dict[str, float]) -> dict[str, float]:
     """Held-out means per pair: `loss`, `accuracy`, `margin` (implicit reward margin), `chosen_reward`,
-    `rejected_reward`, and the policy's `chosen_logp` and `rejected_logp`."""
-    total: dict[str, float] = {}
-    for batch in batches:
-        loss_sum, _, aux = jax.device_get(eval_fn(params, sharding.shard_batch(batch, mesh, rules)))
-        for k, v in {"loss": loss_sum, **aux}.items():
-            total[k] = total.get(k, 0.0) + float(v)
-    pairs = total.pop("pairs", 0.0)
-    if not pairs:
-        return {}
-    return {("accuracy" if k == "correct" else k): v / pairs for k, v in total.items()}
+    `rejected_reward`, and the policy's `chosen_logp` and `rejected_logp`, from the loss's sums."""
+    pairs = total["pairs"]
+    return {("accuracy" if k == "correct" else k): v / pairs for k, v in total.items() if k != "pairs"}

@@ -18,6 +18,7 @@ resume are `llm.train.loop`'s; the release is a reward-model release
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -100,20 +101,13 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
     loss_fn = functools.partial(reward_loss_fn, cfg, center_coef=rc.center_coef)
 
-    def eval_sums(params, batch):
-        with sharding.use_rules(mesh, rules):
-            return loss_fn(params, batch)
-
-    eval_fn = jax.jit(eval_sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
     val_batches = {name: prefs.padded_pair_batches(rows, micro_batch, jax.process_index(), jax.process_count())
                    for name, rows in val_parts.items() if len(rows)}
     baselines = {f"longer_wins/{name}": longer_wins(rows) for name, rows in val_parts.items() if len(rows)}
+    held_out = held_out_evaluator(loss_fn, val_batches, mesh, rules, reward_figures)
 
     def evaluate(params) -> dict[str, float]:
-        figures = {}
-        for name, source_batches in val_batches.items():
-            figures |= {f"{k}/{name}": v for k, v in pair_figures(eval_fn, params, source_batches, mesh, rules).items()}
-        return figures | baselines
+        return held_out(params) | baselines
 
     return loop.Stage(
         cfg=cfg, tokenizer=tokenizer, axes=reward_model.param_axes(cfg),
@@ -125,17 +119,36 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     )
 
 
-def pair_figures(eval_fn, params, batches: list[dict[str, np.ndarray]], mesh, rules) -> dict[str, float]:
+def held_out_evaluator(loss_fn, batches: dict[str, list[dict[str, np.ndarray]]], mesh, rules,
+                       figures: Callable[[dict[str, float]], dict[str, float]]) -> Callable[[Any], dict[str, float]]:
+    """params -> {"<figure>/<source>": value}: each source's held-out batches through the loss once, its
+    summed loss and aux sums (`loss` and the aux keys) turned into figures by `figures`."""
+
+    def loss_sums(params, batch):
+        with sharding.use_rules(mesh, rules):
+            return loss_fn(params, batch)
+
+    sums_fn = jax.jit(loss_sums, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def evaluate(params) -> dict[str, float]:
+        out = {}
+        for name, source_batches in batches.items():
+            total: dict[str, float] = {}
+            for batch in source_batches:
+                loss_sum, _, aux = jax.device_get(sums_fn(params, sharding.shard_batch(batch, mesh, rules)))
+                for k, v in {"loss": loss_sum, **aux}.items():
+                    total[k] = total.get(k, 0.0) + float(v)
+            if total.get("pairs"):
+                out |= {f"{k}/{name}": v for k, v in figures(total).items()}
+        return out
+
+    return evaluate
+
+
+def reward_figures(total: dict[str, float]) -> dict[str, float]:
     """Held-out `accuracy` (chosen scored higher), `margin` (mean r_chosen - r_rejected), `loss`, and the
-    rewards' `reward_mean` and `reward_std` over both sides, from the loss's aux sums."""
-    total: dict[str, float] = {}
-    for batch in batches:
-        loss_sum, _, aux = jax.device_get(eval_fn(params, sharding.shard_batch(batch, mesh, rules)))
-        for k, v in {"loss": loss_sum, **aux}.items():
-            total[k] = total.get(k, 0.0) + float(v)
-    pairs = total.get("pairs", 0.0)
-    if not pairs:
-        return {}
+    rewards' `reward_mean` and `reward_std` over both sides, from the loss's sums."""
+    pairs = total["pairs"]
     mean = total["reward"] / (2 * pairs)
     return {"accuracy": total["correct"] / pairs, "margin": total["margin"] / pairs, "loss": total["loss"] / pairs,
             "reward_mean": mean, "reward_std": float(np.sqrt(max(total["reward_sq"] / (2 * pairs) - mean ** 2, 0.0)))}
