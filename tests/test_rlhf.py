@@ -52,11 +52,24 @@ def test_the_monitor_keeps_the_best_judge_and_alarms_after_patience_evaluations_
         messages.append(message)
     assert bests == [True, True, False, False, False, False, False]
     assert [bool(m) for m in messages] == [False] * 5 + [True, False]
-    assert monitor.best == {"step": 10, "proxy": 0.5, "judge": 0.7} and monitor.alarm["step"] == 50
+    assert monitor.best == {"step": 10, "proxy": 0.5, "judge": 0.7, "judge_se": 0.0} and monitor.alarm["step"] == 50
     assert "from 0.7000 (step 10) to 0.4000" in messages[5]
+    assert monitor.alarms == [monitor.alarm]
+    # A new best withdraws the alarm, and says so.
+    best, message = monitor.update(70, 2.0, 0.75)
+    assert best and monitor.alarm is None and "alarm of step 50 is withdrawn" in message and len(monitor.alarms) == 1
     restored = rlhf.HackingMonitor(patience=2)
     restored.restore(json.loads(json.dumps(monitor.state())))
     assert restored.state() == monitor.state()
+
+
+def test_a_judge_drop_within_its_noise_does_not_count():
+    # best 0.70 +- 0.05 (standard error); z 1.64: a drop counts only beyond 1.64 * hypot(0.05, 0.05) = 0.116
+    monitor = rlhf.HackingMonitor(patience=1)
+    monitor.update(0, 0.0, 0.70, 0.05)
+    assert monitor.update(10, 1.0, 0.60, 0.05) == (False, "") and monitor.alarm is None  # 0.10 < 0.116
+    best, message = monitor.update(20, 1.0, 0.58, 0.05)  # 0.12 > 0.116
+    assert not best and message.startswith("reward hacking") and monitor.alarm["step"] == 20
 
 
 def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_the_alarm(tmp_path, monkeypatch):
@@ -75,8 +88,8 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
     reward_model.save(str(tmp_path / "rm"), cfg, jax.device_get(params), Tokenizer.load(tok_path))
 
     class AlarmAtThirdEvaluation(rlhf.HackingMonitor):
-        def update(self, step, proxy, judge):
-            best, message = super().update(step, proxy, judge)
+        def update(self, step, proxy, judge, judge_se=0.0):
+            best, message = super().update(step, proxy, judge, judge_se)
             if len(self.history) == 3 and self.alarm is None:
                 self.alarm, message = self.history[-1], "reward hacking: (forced by the test)"
             return best, message

@@ -19,9 +19,10 @@ the starting policy (the mean over samples of sum log pi - log pi_ref), the
 completion length and the share of distinct uni- and bigrams. The best judge
 score's policy is kept as a release in `workdir/best_judge`. When, for
 `rlhf.patience` evaluations in a row, the proxy stands above its value at the
-best judge score while the judge stands below that best (by more than
-`rlhf.tolerance`), the monitor says so in the log and the report, and with
-`rlhf.stop_on_hacking` ends the run. `rlhf.png` plots proxy and judge against
+best judge score while the judge stands below that best by more than its noise
+(`rlhf.significance` standard errors of the drop, plus `rlhf.tolerance`), the
+monitor says so in the log and the report, and with `rlhf.stop_on_hacking`
+ends the run; a later new best withdraws the alarm. `rlhf.png` plots proxy and judge against
 steps and against KL, the best and the alarm marked (Gao et al. 2022 plot gold
 and proxy reward against KL distance the same way).
 
@@ -77,7 +78,8 @@ def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data
         judge="",  # "": none; "gold": the task's programmatic preference (gold_score); or a reward-model release
         gold_length_bonus=0.5,  # judge "gold": a right answer scores 1, plus up to this much for being short
         patience=3,  # evaluations in a row with the proxy up and the judge down before the alarm
-        tolerance=0.0,  # how far below its best the judge must be to count as down
+        tolerance=0.0,  # how far below its best the judge must be to count as down, beyond its noise:
+        significance=1.64,  # ... and z standard errors of the drop (one-sided 95%); 0 counts any drop
         stop_on_hacking=False,  # end the run at the alarm (the best judge's policy is kept either way)
     ))
     return config
@@ -143,39 +145,53 @@ class HackingMonitor:
     """Watches the proxy and the judge at each evaluation; remembers the best judge and raises the alarm.
 
     The alarm: `patience` evaluations in a row where the proxy is above its value
-    at the best judge score and the judge is below that best by more than `tolerance`.
+    at the best judge score and the judge is below that best by more than
+    `tolerance` plus `z` standard errors of the difference (each judge score is a
+    mean over held-out prompts, so a drop within its noise does not count). A new
+    best judge score after an alarm withdraws it (the log says so); every alarm
+    stays in `alarms`.
     """
 
     patience: int
     tolerance: float = 0.0
+    z: float = 1.64
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     best: dict[str, float] | None = None
     alarm: dict[str, float] | None = None
+    alarms: list[dict[str, float]] = dataclasses.field(default_factory=list)
     streak: int = 0
 
-    def update(self, step: int, proxy: float, judge: float) -> tuple[bool, str]:
-        """(is this the best judge so far, a message for the log when the alarm goes off now, else "")."""
-        point = {"step": step, "proxy": proxy, "judge": judge}
+    def update(self, step: int, proxy: float, judge: float, judge_se: float = 0.0) -> tuple[bool, str]:
+        """(is this the best judge so far, a message for the log when the alarm goes off or is withdrawn, else "")."""
+        point = {"step": step, "proxy": proxy, "judge": judge, "judge_se": judge_se}
         self.history.append(point)
         if self.best is None or judge > self.best["judge"]:
+            message = ""
+            if self.alarm is not None:
+                message = (f"the judge recovered: a new best {judge:.4f} at step {step}; the reward-hacking alarm of "
+                           f"step {self.alarm['step']} is withdrawn")
+                self.alarm = None
             self.best, self.streak = point, 0
-            return True, ""
-        hacked = proxy > self.best["proxy"] and judge < self.best["judge"] - self.tolerance
+            return True, message
+        margin = self.tolerance + self.z * float(np.hypot(self.best["judge_se"], judge_se))
+        hacked = proxy > self.best["proxy"] and judge < self.best["judge"] - margin
         self.streak = self.streak + 1 if hacked else 0
         if self.streak >= self.patience and self.alarm is None:
             self.alarm = point
+            self.alarms.append(point)
             return False, (f"reward hacking: for {self.streak} evaluations the proxy rose above "
                            f"{self.best['proxy']:.4f} (its value at the best judge score) while the judge fell from "
-                           f"{self.best['judge']:.4f} (step {self.best['step']}) to {judge:.4f}; the best judge's "
-                           f"policy is kept in best_judge/")
+                           f"{self.best['judge']:.4f} (step {self.best['step']}) to {judge:.4f}, more than its noise "
+                           f"({margin:.4f}); the best judge's policy is kept in best_judge/")
         return False, ""
 
     def state(self) -> dict[str, Any]:
-        return {"history": self.history, "best": self.best, "alarm": self.alarm, "streak": self.streak}
+        return {"history": self.history, "best": self.best, "alarm": self.alarm, "alarms": self.alarms,
+                "streak": self.streak}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.history, self.best, self.alarm, self.streak = (state["history"], state["best"], state["alarm"],
-                                                            state["streak"])
+        self.history, self.best, self.alarm = state["history"], state["best"], state["alarm"]
+        self.alarms, self.streak = state["alarms"], state["streak"]
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -207,7 +223,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
         return raw.reshape(len(problems), -1), figures
 
     rollouts = grpo.PolicyRollouts(config, cfg, tokenizer, initial_params, task.train_problems, score)
-    monitor = HackingMonitor(hc.patience, hc.tolerance)
+    monitor = HackingMonitor(hc.patience, hc.tolerance, hc.significance)
     if monitor_file and os.path.exists(monitor_file):  # a resumed run keeps what the monitor saw
         with open(monitor_file) as f:
             monitor.restore(json.load(f))
@@ -224,8 +240,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
                    "eval/distinct_1": distinct_n(tokens, 1), "eval/distinct_2": distinct_n(tokens, 2)}
         if judge is None:
             return figures
-        figures["eval/judge"] = float(judge(test_problems, samples).mean())
-        best, message = monitor.update(rollouts.step, figures["eval/proxy"], figures["eval/judge"])
+        judged = judge(test_problems, samples)
+        figures["eval/judge"] = float(judged.mean())
+        best, message = monitor.update(rollouts.step, figures["eval/proxy"], figures["eval/judge"],
+                                       float(judged.std(ddof=1) / np.sqrt(len(judged))) if len(judged) > 1 else 0.0)
         if best:
             save_release(os.path.join(workdir, "best_judge"), cfg, sharding.gather_to_host(params), tokenizer)
         if message:
@@ -303,11 +321,12 @@ def plot_monitor(workdir: str) -> None:
         ax.plot(x, [r["eval/proxy"] for r in rows], "o-", label="proxy reward model")
         if "eval/judge" in rows[0]:
             ax.plot(x, [r["eval/judge"] for r in rows], "s-", label="judge (gold)")
-        for key, style, what in (("best", "g--", "best judge"), ("alarm", "r:", "monitor's alarm")):
-            point = monitor.get(key)
-            if point:
-                at = point["step"] if x is steps else kl[steps.index(point["step"])]
-                ax.axvline(at, color=style[0], linestyle=style[1:], label=f"{what} (step {point['step']})")
+        marks = [(monitor["best"], "g", "--", "best judge")] if monitor.get("best") else []
+        marks += [(point, "r", ":", "monitor's alarm" + ("" if point == monitor.get("alarm") else ", withdrawn"))
+                  for point in monitor.get("alarms", [])]
+        for point, color, style, what in marks:
+            at = point["step"] if x is steps else kl[steps.index(point["step"])]
+            ax.axvline(at, color=color, linestyle=style, label=f"{what} (step {point['step']})")
         ax.set_xlabel(label)
         ax.set_ylabel("mean score on held-out prompts")
     axes[0].legend(fontsize=8)
@@ -323,6 +342,9 @@ def plot_monitor(workdir: str) -> None:
                        f"that policy is in best_judge/).\n")
         elif monitor.get("best"):
             best = monitor["best"]
-            verdict = f"\nNo reward hacking detected; best judge {best['judge']:.4f} at step {best['step']}.\n"
+            withdrawn = ", ".join(str(a["step"]) for a in monitor.get("alarms", []))
+            verdict = (f"\nNo reward hacking standing at the end; best judge {best['judge']:.4f} at step "
+                       f"{best['step']}" + (f" (alarms at steps {withdrawn} were withdrawn when the judge recovered)"
+                                            if withdrawn else "") + ".\n")
         with open(report, "a") as f:
             f.write(verdict + "\n![proxy and judge against steps and KL](rlhf.png)\n")
