@@ -334,7 +334,7 @@ def dpo_loss(
     (conservative DPO, Mitchell 2023): -(1 - eps) log sigmoid(z) - eps log
     sigmoid(-z). The log-probabilities are sums over each reply's tokens (or
     their means, when the caller normalises by length). Aux sums: `pairs`,
-    `correct` (the chosen reply's implicit reward is higher), `margin` (the
+    `correct` (the chosen reply's implicit reward is higher; a tie half), `margin` (the
     implicit reward margin), `chosen_reward`, `rejected_reward`, `chosen_logp`
     and `rejected_logp` (the policy's, to watch the chosen reply's likelihood).
     """
@@ -348,7 +348,8 @@ def dpo_loss(
     def total(x_B):
         return jnp.sum(jnp.where(on_B, x_B * weights_B, 0.0))
 
-    aux = {"pairs": total(jnp.ones_like(z_B)), "correct": total((z_B > 0).astype(jnp.float32)), "margin": total(z_B),
+    correct_B = (z_B > 0).astype(jnp.float32) + 0.5 * (z_B == 0).astype(jnp.float32)  # a tie half, as for rewards
+    aux = {"pairs": total(jnp.ones_like(z_B)), "correct": total(correct_B), "margin": total(z_B),
            "chosen_reward": total(chosen_reward_B), "rejected_reward": total(rejected_reward_B),
            "chosen_logp": total(chosen_logp_B), "rejected_logp": total(rejected_logp_B)}
     return total(loss_B), aux["pairs"], aux
