@@ -120,3 +120,39 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
     assert (workdir / "best_judge" / "model.safetensors").exists() and (workdir / "rlhf.png").exists()
     assert "Reward hacking detected at step 2" in (workdir / "report.md").read_text()
     assert (workdir / "checkpoints" / "2").exists()  # the stopping step is checkpointed
+
+
+def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold_out_by_prompt(tmp_path):
+    import ml_collections
+
+    from llm.tokenizer import Tokenizer, train_bpe
+
+    hh = os.path.join(ROOT, "tests", "fixtures", "preference", "hh_rlhf_harmless_base_slice.jsonl")
+    tok_path = str(tmp_path / "tok.tiktoken")
+    train_bpe([line for line in open(hh)], 320, name="hh", progress=False).save(tok_path)
+    tok = Tokenizer.load(tok_path)
+    cfg = ModelConfig(family="llama", vocab_size=320, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, mlp_dim=32,
+                      max_seq_len=128, tie_embeddings=True)
+    params = reward_model.init_params(cfg, jax.random.key(2))
+    params["head"] = {"kernel": np.linspace(-1, 1, cfg.n_embd).astype(np.float32), "bias": np.float32(0.5)}
+    reward_model.save(str(tmp_path / "judge"), cfg, jax.device_get(params), tok)
+    task = rlhf.pair_prompts(ml_collections.ConfigDict({"pairs_kind": "jsonl", "path": hh}))
+    train, test = task.train_problems(0, 1000), task.test_problems(1000, 0)
+    assert train and test and not {p.key for p in train} & {p.key for p in test}
+
+    from llm.generate import Sample
+
+    def reply(text):
+        return Sample(tokens=[1] * len(text), logprobs=[0.0] * len(text), forced=[False] * len(text),
+                      finish_reason="stop", text=text)
+
+    judge = rlhf.make_judge(ml_collections.ConfigDict({"max_new_tokens": 16}),
+                            ml_collections.ConfigDict({"judge": str(tmp_path / "judge")}), task)
+    samples = [[reply("Sure."), reply("No way.")] for _ in test[:2]]
+    expected = reward_model.RewardModel.load(str(tmp_path / "judge")).score(
+        [[*p.messages, {"role": "assistant", "content": s.text}] for p, group in zip(test[:2], samples) for s in group],
+        keep_end=True)
+    np.testing.assert_allclose(judge(test[:2], samples), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs a verifiable data.task"):
+        rlhf.make_judge(ml_collections.ConfigDict({"max_new_tokens": 16}), ml_collections.ConfigDict({"judge": "gold"}),
+                        task)
