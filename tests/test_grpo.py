@@ -225,6 +225,31 @@ def test_spelling_asks_as_the_sft_data_does_held_out_words_are_disjoint_and_the_
     assert not spelling.grade(p, "#### 11") and spelling.grade(p, "#### 01")
 
 
+def test_spelling_answers_are_balanced_so_a_constant_answer_scores_a_quarter():
+    import collections
+
+    from llm.data import conversations as conv
+    from llm.tasks import spelling
+
+    words = spelling.read_words(WORDS)
+    test = set(spelling.split_words(words, "test"))
+    held_out = spelling.problems(words, 400, split="test", seed=0)
+    # Problem i asks for a count of i % 4: exactly 100 of each answer, so any constant answer is right 25% of the time.
+    assert collections.Counter(p.answer for p in held_out) == {"0": 100, "1": 100, "2": 100, "3": 100}
+    assert [p.answer for p in held_out[:8]] == ["0", "1", "2", "3"] * 2
+    for p in held_out:
+        *_, word, letter = p.key.split(":")
+        assert word in test and p.answer == str(word.count(letter))
+    assert len({p.key.split(":")[3] for p in held_out}) > 20  # many words, not one per count
+    # The SFT source follows the same rule, on train words only.
+    found = conv.spelling(words, 40, seed=2)
+    answers = [c.messages[1]["content"].rsplit("#### ", 1)[1] for c in found]
+    assert collections.Counter(answers) == {"0": 10, "1": 10, "2": 10, "3": 10}
+    assert not {c.messages[0]["content"].split('"')[1] for c in found} & test
+    with pytest.raises(ValueError, match="13 times"):
+        conv.draw_letter(__import__("random").Random(0), ["strawberry"], 13, tries=10)
+
+
 def test_arithmetic_problems_are_right_held_out_and_graded_by_their_final_answer():
     from llm.tasks import arithmetic
 
@@ -276,9 +301,10 @@ def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, 
     real = grpo.make_task
 
     def task_with_signal(dc):
-        # A random model never counts right; reward the letter "e" instead, so groups differ and steps move.
+        # A random model never counts right; reward an even-length reply instead (about half the samples, so
+        # groups differ and steps move: an "e" anywhere was in every sample of some steps).
         task = real(dc)
-        return grpo.Task(task.train_problems, task.test_problems, lambda p, text: float("e" in text))
+        return grpo.Task(task.train_problems, task.test_problems, lambda p, text: float(len(text) % 2 == 0))
 
     monkeypatch.setattr(grpo, "make_task", task_with_signal)
     overrides = ["--config.init_from=", f"--config.data.tokenizer={tok_path}", "--config.model.vocab_size=384",

@@ -11,7 +11,7 @@ parts ending in a tool call, answered by the next `tool` message). Sources:
     read_hub(repo_id, split)   a Hugging Face dataset by id (parquet, any of the three shapes above)
     gsm8k(path)                GSM8K with a calculator call for every `<<expression=result>>`
     identity(IdentitySpec)     who the assistant is, in many paraphrases; some held out for evaluation
-    spelling(words)            spell a word, count a letter, answer
+    spelling(words)            spell a word, count a letter (0, 1, 2 or 3 times, equally often), answer
 
 Every reader returns `Conversations` (the kept ones and a count of skips by
 reason). Bad input never stops a run midway: a line that is not JSON, an unknown
@@ -33,6 +33,7 @@ import logging
 import random
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -413,28 +414,65 @@ def read_words(path: str | Path, *, min_len: int = 3, max_len: int = 12) -> list
 
 
 def spelling_messages(word: str, letter: str) -> list[Message]:
-    """How many times does `letter` appear in `word`: spell it, count as it goes, answer."""
-    count = word.count(letter)
-    spelled = ",".join(word)
-    running, steps = 0, []
-    for i, c in enumerate(word, 1):
+    """How many times does `letter` appear in `word`: spell it, marking each `letter` with the count so far, answer.
+
+    "c(1),o,l,p,i,n,d,a,c(2),h. So 'c' appears 2 times. #### 2": the running
+    count sits on the letter it counts, so each step looks back one mark (a
+    tiny model cannot count positions or occurrences across the word); the
+    answer is the last mark, or 0 without one.
+    """
+    count, marked = 0, []
+    for c in word:
         if c == letter:
-            running += 1
-            steps.append(f"{i}:{c} ({running})")
-    counted = " ".join(steps) if steps else "none"
-    reply = (f"Spelling {word}: {spelled}. Letters '{letter}' at {counted}. "
-             f"So '{letter}' appears {count} time{'s' if count != 1 else ''} in \"{word}\". #### {count}")
+            count += 1
+            marked.append(f"{c}({count})")
+        else:
+            marked.append(c)
+    reply = f"{','.join(marked)}. So '{letter}' appears {count} time{'s' if count != 1 else ''}. #### {count}"
     return [{"role": "user", "content": f"How many times does the letter '{letter}' appear in the word \"{word}\"?"},
             {"role": "assistant", "content": reply}]
 
 
-def spelling(words: Sequence[str], n: int, *, seed: int = 0) -> Conversations:
-    """`n` letter-counting conversations over random words; the letter is in the word two times out of three."""
+SPELLING_COUNTS = (0, 1, 2, 3)  # the answers letter-counting problems draw, each as often
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def split_words(words: Sequence[str], split: str, test_fraction: float = 0.1) -> list[str]:
+    """The words of one split ("train" or "test"), chosen by a CRC-32 of the word: the same on every machine and run."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    in_test = [zlib.crc32(w.encode()) % 1000 < test_fraction * 1000 for w in words]
+    return [w for w, t in zip(words, in_test) if t == (split == "test")]
+
+
+def draw_letter(rng: random.Random, words: Sequence[str], count: int, tries: int = 100_000) -> tuple[str, str]:
+    """A word and a letter it holds exactly `count` times: words by rejection until one has such a letter, then
+    one of those letters uniformly (for 0: any letter the word lacks).
+
+    Problem sets ask for the counts in turn (`SPELLING_COUNTS[i % 4]`), so the
+    answers are balanced exactly and a constant answer scores 25%; the word's
+    length still correlates with the count (a 3 needs a longer word), which a
+    constant answer cannot use.
+    """
+    if not words:
+        raise ValueError("draw_letter needs words")
+    for _ in range(tries):
+        word = rng.choice(words)
+        letters = [c for c in _ALPHABET if word.count(c) == count]
+        if letters:
+            return word, rng.choice(letters)
+    raise ValueError(f"no word among {len(words)} has a letter {count} times (after {tries} draws)")
+
+
+def spelling(words: Sequence[str], n: int, *, seed: int = 0, split: str = "train",
+             counts: Sequence[int] = SPELLING_COUNTS) -> Conversations:
+    """`n` letter-counting conversations over the `split` words (`split_words`; "" for all), asking for
+    the `counts` in turn (`draw_letter`): the SFT mixture trains on the words GRPO trains on, never the held-out ones."""
+    pool = split_words(words, split) if split else list(words)
     rng = random.Random(seed)
     items = []
     for i in range(n):
-        word = rng.choice(words)
-        letter = rng.choice(word) if rng.random() < 2 / 3 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        word, letter = draw_letter(rng, pool, counts[i % len(counts)])
         items.append(Conversation(spelling_messages(word, letter), f"spelling:{seed}:{i}"))
     return Conversations(items)
 

@@ -8,8 +8,15 @@ so a model fine-tuned on that mixture answers in its format from the first
 rollout. Words are split into train and test by a hash of the word
 (`split_words`), so the held-out problems never share a word with the ones RL
 trains on, whatever seeds draw them; the SFT mixture draws its few hundred words
-from the whole list, so a test word may (rarely) have been seen in fine-tuning.
-The letter is in the word two times out of three, as in the SFT data.
+from the train split too, so no held-out word was seen in fine-tuning.
+
+Answers are balanced: problem i asks for a letter the word holds
+`SPELLING_COUNTS[i % 4]` = 0, 1, 2 or 3 times (`conversations.draw_letter`:
+words by rejection, then one such letter), so each answer is exactly a quarter
+of a set of 4k problems and a constant answer scores 25%: it cannot pass for
+counting (when the letter was in the word two times out of three, 54% of the
+answers were 1, and a GRPO policy that always said 1 beat the SFT model). The
+same rule draws the SFT data.
 
 The answer is the last `#### N` of the completion (the SFT format's final line);
 a completion without one is wrong, even if the right count appears in its
@@ -21,37 +28,26 @@ from __future__ import annotations
 
 import random
 import re
-import zlib
 from collections.abc import Sequence
 
-from llm.data.conversations import read_words, spelling_messages
+from llm.data.conversations import SPELLING_COUNTS, draw_letter, read_words, spelling_messages, split_words
 from llm.tasks import Problem
 
-__all__ = ["problems", "grade", "reward", "extract_answer", "split_words", "read_words"]
+__all__ = ["problems", "grade", "reward", "extract_answer", "split_words", "read_words", "SPELLING_COUNTS"]
 
-SPLITS = ("train", "test")
 _FINAL = re.compile(r"####\s*(-?\d+)")
-
-
-def split_words(words: Sequence[str], split: str, test_fraction: float = 0.1) -> list[str]:
-    """The words of one split, chosen by a CRC-32 of the word: the same split on every machine and run."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    in_test = [zlib.crc32(w.encode()) % 1000 < test_fraction * 1000 for w in words]
-    return [w for w, t in zip(words, in_test) if t == (split == "test")]
 
 
 def problems(words: Sequence[str], n: int, *, split: str = "test", seed: int = 0, test_fraction: float = 0.1
              ) -> list[Problem]:
-    """`n` letter-counting problems over the split's words, drawn with `seed`."""
+    """`n` letter-counting problems over the split's words, drawn with `seed`, the answers 0, 1, 2, 3 in turn."""
     pool = split_words(words, split, test_fraction)
     if not pool:
         raise ValueError(f"no {split} words among the {len(words)} given (test_fraction={test_fraction})")
     rng = random.Random(f"{split}:{seed}")
     out = []
     for i in range(n):
-        word = rng.choice(pool)
-        letter = rng.choice(word) if rng.random() < 2 / 3 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        word, letter = draw_letter(rng, pool, SPELLING_COUNTS[i % len(SPELLING_COUNTS)])
         question = spelling_messages(word, letter)[0]
         out.append(Problem(messages=(question,), answer=str(word.count(letter)),
                            text=f"Question: {question['content']}\nAnswer:", key=f"{split}:{seed}:{i}:{word}:{letter}"))
