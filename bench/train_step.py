@@ -311,11 +311,11 @@ def time_compiled(cfg: ModelConfig, tokens: np.ndarray, steps: int, dtype: str) 
     opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
     batch = torch.tensor(tokens, dtype=torch.long, device=device)
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    autocast = torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    amp = dict(device_type=device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
     @torch.compile
     def loss_fn(inputs, targets):
-        with autocast:
+        with torch.autocast(**amp):  # made inside the compiled function: one graph, no break at the context
             logits = net(input_ids=inputs).logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
