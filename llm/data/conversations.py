@@ -36,7 +36,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from llm.data.sources import DataError, hub_dataset_files
 from llm.tokenizer import ROLES, TOOLS
@@ -64,11 +64,12 @@ class Conversation:
 
 
 @dataclasses.dataclass
-class Conversations:
-    """The kept conversations of a source and how many were skipped, by reason."""
+class Records:
+    """The kept records of a source and how many were skipped, by reason (`noun` names them in `describe`)."""
 
-    items: list[Conversation]
+    items: list
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    noun: ClassVar[str] = "records"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,23 +79,37 @@ class Conversations:
 
     def describe(self) -> str:
         skips = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return f"{len(self.items)} conversations" + (f" ({sum(self.skipped.values())} skipped: {skips})" if skips else "")
+        return f"{len(self.items)} {self.noun}" + (f" ({sum(self.skipped.values())} skipped: {skips})" if skips else "")
 
 
-class _Collector:
-    """Validates conversations as they are read; skips and counts, or raises, the bad ones."""
+class Conversations(Records):
+    """The kept conversations of a source and how many were skipped, by reason."""
 
-    def __init__(self, errors: Errors):
+    noun = "conversations"
+
+
+class Collector:
+    """Validates records as they are read; skips and counts, or raises as `error`, the bad ones."""
+
+    error: type[Exception] = ValueError
+
+    def __init__(self, errors: Errors, out: Records):
         if errors not in ("skip", "raise"):
             raise ValueError(f"errors must be 'skip' or 'raise', got {errors!r}")
-        self.errors = errors
-        self.out = Conversations([])
+        self.errors, self.out = errors, out
 
-    def bad(self, where: str, reason: str, detail: str) -> None:
+    def bad(self, where: str, reason: str, detail: str = "") -> None:
         if self.errors == "raise":
-            raise ConversationError(f"{where}: {detail}")
-        log.info("%s: skipped, %s", where, detail)
+            raise self.error(f"{where}: {detail or reason}")
+        log.info("%s: skipped, %s", where, detail or reason)
         self.out.skipped[reason] += 1
+
+
+class _Collector(Collector):
+    error = ConversationError
+
+    def __init__(self, errors: Errors):
+        super().__init__(errors, Conversations([]))
 
     def add(self, messages: Any, where: str) -> None:
         problem = check_messages(messages)

@@ -33,7 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from llm.data.conversations import Errors, Message, _jsonl_records, _plain, check_messages
+from llm.data.conversations import Collector, Errors, Message, Records, _jsonl_records, _plain, check_messages
 from llm.data.pipeline import _process_slice
 from llm.data.sources import DataError, hub_dataset_files, validation_mask
 from llm.tokenizer import Tokenizer
@@ -58,35 +58,17 @@ class Pair:
         return self.group or self.key
 
 
-@dataclasses.dataclass
-class Pairs:
+class Pairs(Records):
     """The kept pairs of a source and how many were skipped, by reason."""
 
-    items: list[Pair]
-    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def describe(self) -> str:
-        skips = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return f"{len(self.items)} pairs" + (f" ({sum(self.skipped.values())} skipped: {skips})" if skips else "")
+    noun = "pairs"
 
 
-class _Collector:
+class _Collector(Collector):
+    error = PreferenceError
+
     def __init__(self, errors: Errors):
-        if errors not in ("skip", "raise"):
-            raise ValueError(f"errors must be 'skip' or 'raise', got {errors!r}")
-        self.errors, self.out = errors, Pairs([])
-
-    def bad(self, where: str, reason: str, detail: str = "") -> None:
-        if self.errors == "raise":
-            raise PreferenceError(f"{where}: {detail or reason}")
-        log.info("%s: skipped, %s", where, detail or reason)
-        self.out.skipped[reason] += 1
+        super().__init__(errors, Pairs([]))
 
     def add(self, prompt: Any, chosen: Any, rejected: Any, where: str, group: str = "") -> None:
         problem = check_pair(prompt, chosen, rejected)
