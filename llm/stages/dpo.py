@@ -30,7 +30,7 @@ from llm import model, sharding
 from llm.config import model_config
 from llm.data import preferences as prefs
 from llm.data.pipeline import HostBatches
-from llm.stages.reward import base_reward_config, held_out_evaluator
+from llm.stages.reward import base_reward_config, check_pair_stage, held_out_evaluator
 from llm.tokenizer import Tokenizer
 from llm.train import loop
 from llm.train.losses import dpo_loss_fn, sequence_logprobs
@@ -58,19 +58,13 @@ def base_dpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
-    dc, pc, tc = config.data, config.dpo, config.train
+    dc, pc = config.data, config.dpo
     if config.init_from:
         cfg, initial_params, tokenizer = loop.load_init_from(config)
     else:  # a fresh policy (tests): its own init is the reference
         cfg, tokenizer = model_config(config), Tokenizer.load(dc.tokenizer)
         initial_params = jax.tree.map(np.asarray, model.init_params(cfg, jax.random.key(config.seed)))
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
-    if dc.seq_len > cfg.max_seq_len:
-        raise ValueError(f"data.seq_len={dc.seq_len} is longer than the model's context {cfg.max_seq_len}")
-    if dc.batch_size % tc.grad_accum:
-        raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
-    micro_batch = dc.batch_size // tc.grad_accum
+    micro_batch = check_pair_stage(config, cfg, tokenizer)
     # A row holds W = seq_len + 1 tokens: the model reads the first seq_len and predicts the last seq_len.
     train_parts, val_parts, lines = prefs.load_sources(dc.sources, tokenizer, dc.seq_len + 1, dc.val_fraction)
     train = prefs.concat_rows(train_parts)

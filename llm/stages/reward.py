@@ -67,6 +67,18 @@ def base_reward_config(model_name: str = "tiny", sharding_name: str = "fsdp", da
     return config
 
 
+def check_pair_stage(config: ml_collections.ConfigDict, cfg, tokenizer: Tokenizer) -> int:
+    """The micro-batch size of a stage that trains on pairs (reward, DPO), after checking the config fits the model."""
+    dc, tc = config.data, config.train
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
+    if dc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={dc.seq_len} is longer than the model's context {cfg.max_seq_len}")
+    if dc.batch_size % tc.grad_accum:
+        raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
+    return dc.batch_size // tc.grad_accum
+
+
 def longer_wins(rows: prefs.PairRows) -> float:
     """Held-out accuracy of the baseline "the longer reply wins" (in reply tokens; a tie counts half)."""
     chosen, rejected = rows.arrays["chosen_mask"].sum(axis=1), rows.arrays["rejected_mask"].sum(axis=1)
@@ -74,19 +86,13 @@ def longer_wins(rows: prefs.PairRows) -> float:
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
-    dc, rc, tc = config.data, config.reward, config.train
+    dc, rc = config.data, config.reward
     if config.init_from:
         cfg, backbone, tokenizer = loop.load_init_from(config)
         initial_params = {"backbone": backbone, "head": jax.tree.map(np.asarray, reward_model.init_head(cfg))}
     else:  # a fresh backbone: tests only
         cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(dc.tokenizer)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
-    if dc.seq_len > cfg.max_seq_len:
-        raise ValueError(f"data.seq_len={dc.seq_len} is longer than the model's context {cfg.max_seq_len}")
-    if dc.batch_size % tc.grad_accum:
-        raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
-    micro_batch = dc.batch_size // tc.grad_accum
+    micro_batch = check_pair_stage(config, cfg, tokenizer)
 
     train_parts, val_parts, lines = prefs.load_sources(dc.sources, tokenizer, dc.seq_len, dc.val_fraction)
     train = prefs.concat_rows(train_parts)
