@@ -67,7 +67,7 @@ def save(directory: str, cfg: ModelConfig, params: Mapping[str, Any], tokenizer:
     from safetensors.numpy import save_file
 
     save_release(directory, cfg, params["backbone"], tokenizer)
-    save_file({k: np.asarray(v, np.float32).reshape(np.shape(v)) for k, v in params["head"].items()},
+    save_file({k: np.asarray(v, np.float32) for k, v in params["head"].items()},
               os.path.join(directory, HEAD_FILE))
 
 
