@@ -22,10 +22,11 @@ def get_config():
     config.init_from = "runs/sft/release"
     config.data.task = "spelling"
     config.data.path = "../shared/data/words/words_alpha.zip"
-    config.rlhf.update(reward_model="runs/overopt/proxy/release", judge="gold", gold_length_bonus=0.5, patience=3)
-    config.rl.update(kl_beta=0.01, eval_problems=100, eval_temperature=1.0)
-    # Slowly enough that the gold score's rise and fall spread over evaluations: at 1e-4, starting from a policy
-    # fine-tuned further on the task, the KL passed 19 nats in 10 steps and the gold score only fell.
-    config.optimizer.update(learning_rate=2e-5, warmup_steps=5, weight_decay=0.0, b2=0.99)
-    config.train.update(steps=200, log_every=1, eval_every=5, checkpoint_every=50)
+    config.rlhf.update(reward_model="runs/overopt/proxy/release", judge="gold", gold_length_bonus=0.5, patience=3,
+                       gold_problems=400)
+    config.rl.update(kl_beta=0.0, max_new_tokens=64, eval_problems=100, eval_temperature=1.0)
+    # A constant rate after warmup: with the default cosine decay the policy all but stops in the second half and
+    # the proxy and the gold score flatten together, which hides the over-optimisation.
+    config.optimizer.update(learning_rate=2e-5, warmup_steps=5, weight_decay=0.0, b2=0.99, min_learning_rate_ratio=1.0)
+    config.train.update(steps=200, log_every=1, eval_every=10, checkpoint_every=50)
     return config

@@ -16,15 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = os.path.join(ROOT, "tests", "fixtures", "chat", "words_alpha_slice.txt")
 
 
-def test_gold_score_puts_a_right_answer_first_then_shortness():
+def test_gold_score_puts_a_right_answer_first_then_shortness_and_a_wrong_one_at_zero():
     problem = Problem(messages=({"role": "user", "content": "?"},), answer="3")
 
     def right(p, text):
         return float(text.endswith("#### 3"))
 
-    # right, 20 of 100 tokens: 1 + 0.5 * 0.8 = 1.4; wrong and 1 token: 0 + 0.5 * 0.99 = 0.495
+    # right, 20 of 100 tokens: 1 * (1 + 0.5 * 0.8) = 1.4; wrong, however short: 0
     assert rlhf.gold_score(right, 0.5, 100, problem, "... #### 3", 20) == pytest.approx(1.4)
-    assert rlhf.gold_score(right, 0.5, 100, problem, "#### 2", 1) == pytest.approx(0.495)
+    assert rlhf.gold_score(right, 0.5, 100, problem, "#### 2", 1) == 0.0
     assert rlhf.gold_score(right, 0.5, 100, problem, "#### 3", 250) == pytest.approx(1.0)  # cut at the limit
 
 
@@ -99,7 +99,7 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
                  "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.mlp_dim=64",
                  "--config.model.max_seq_len=96", f"--config.data.path={WORDS}", "--config.data.prompts_per_step=4",
                  "--config.data.samples_per_prompt=4", "--config.data.seq_len=80", "--config.rl.max_new_tokens=16",
-                 "--config.rl.eval_problems=8", "--config.rl.require_stop=False",
+                 "--config.rl.eval_problems=8", "--config.rl.require_stop=False", "--config.rlhf.gold_problems=4",
                  f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.stop_on_hacking=True",
                  "--config.optimizer.learning_rate=1e-2", "--config.train.eval_every=1", "--config.train.steps=5",
                  "--config.train.checkpoint_every=5"]
@@ -114,11 +114,12 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
     evals = [r for r in rows if "eval/proxy" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
     assert abs(evals[0]["eval/kl"]) < 1e-4  # the policy is the reference at step 0
-    for key in ("eval/judge", "eval/length", "eval/distinct_2", "monitor/best_judge_step"):
+    for key in ("eval/judge", "eval/gold", "eval/length", "eval/distinct_2", "monitor/best_judge_step"):
         assert key in evals[-1], key
     assert evals[-1]["monitor/alarm"] == 1.0
     assert (workdir / "best_judge" / "model.safetensors").exists() and (workdir / "rlhf.png").exists()
-    assert "Reward hacking detected at step 2" in (workdir / "report.md").read_text()
+    report = (workdir / "report.md").read_text()
+    assert "Reward hacking detected at step 2" in report and "Gold (on prompts the monitor never sees)" in report
     assert (workdir / "checkpoints" / "2").exists()  # the stopping step is checkpointed
 
 

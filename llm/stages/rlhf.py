@@ -26,9 +26,12 @@ ends the run; a later new best withdraws the alarm. `rlhf.png` plots proxy and j
 steps and against KL, the best and the alarm marked (Gao et al. 2022 plot gold
 and proxy reward against KL distance the same way).
 
-The gold preference of the over-optimisation experiment ("right answer first,
-then shorter is better") is `gold_score`; `label_pairs` samples a policy and
-labels pairs of its replies with it, the data a proxy reward model learns from.
+The gold preference of the over-optimisation experiment ("a right answer, the
+shorter the better") is `gold_score`; `label_pairs` samples a policy and labels
+pairs of its replies with it, the data a proxy reward model learns from. With
+`rlhf.gold_problems`, each evaluation also scores it on that many more held-out
+prompts the monitor never sees (`eval/gold`, plotted with its peak): the true
+reward, against which the monitor's choice is checked without sharing its noise.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data
         reward_model="runs/reward/release",  # the proxy: a `launch.reward` release
         normalize=True,  # standardise the proxy's scores over each rollout batch
         judge="",  # "": none; "gold": the task's programmatic preference (gold_score); or a reward-model release
-        gold_length_bonus=0.5,  # judge "gold": a right answer scores 1, plus up to this much for being short
+        gold_length_bonus=0.5,  # gold_score: a right answer scores 1, times up to 1 + this for being short
+        gold_problems=0,  # a verifiable task: gold_score on this many more held-out prompts the monitor never
+        # sees (eval/gold), the experiment's measure of the true reward, to check the monitor's choice against
         patience=3,  # evaluations in a row with the proxy up and the judge down before the alarm
         tolerance=0.0,  # how far below its best the judge must be to count as down, beyond its noise:
         significance=1.64,  # ... and z standard errors of the drop (one-sided 95%); 0 counts any drop
@@ -90,12 +95,14 @@ def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data
 
 def gold_score(task_reward: Callable[[Problem, str], float], length_bonus: float, max_tokens: int,
                problem: Problem, text: str, n_tokens: int) -> float:
-    """The experiment's hidden preference: the task's reward (1 for a right answer), then shorter is better.
+    """The experiment's hidden preference: a right answer, the shorter the better; a wrong one is worth nothing.
 
-    score = reward + length_bonus * (1 - n_tokens / max_tokens); with a bonus
-    below 1, any right answer beats any wrong one, and among equals the shorter wins.
+    score = reward * (1 + length_bonus * (1 - n_tokens / max_tokens)): any right
+    answer beats any wrong one, among right ones the shorter wins, and wrong ones
+    tie however short, so that dropping the work that makes an answer right
+    (here, spelling the word out) to be brief loses the gold score.
     """
-    return task_reward(problem, text) + length_bonus * (1.0 - min(n_tokens, max_tokens) / max_tokens)
+    return task_reward(problem, text) * (1.0 + length_bonus * (1.0 - min(n_tokens, max_tokens) / max_tokens))
 
 
 def _conversations(problems: list[Problem], samples: list[list[Any]]) -> list[list[dict]]:
@@ -208,7 +215,13 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
     judge = make_judge(rc, hc, task)
     if hc.patience < 1:
         raise ValueError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
-    test_problems = task.test_problems(rc.eval_problems, rc.eval_seed)
+    if hc.gold_problems and (task is None or task.reward is None):
+        raise ValueError("rlhf.gold_problems needs a verifiable data.task (spelling, arithmetic, gsm8k)")
+    # One draw split in two, so the gold prompts are disjoint from the monitor's.
+    drawn = task.test_problems(rc.eval_problems + hc.gold_problems, rc.eval_seed)
+    test_problems, gold_problems = drawn[:rc.eval_problems], drawn[rc.eval_problems:]
+    gold = (functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
+            if gold_problems else None)
 
     def score(problems: list[Problem], samples: list[list[Any]]) -> tuple[np.ndarray, dict[str, float]]:
         raw = proxy.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
@@ -229,8 +242,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
             monitor.restore(json.load(f))
 
     def evaluate(params) -> dict[str, float]:
-        prompts = [tokenizer.render_for_completion(p.messages) for p in test_problems]
+        prompts = [tokenizer.render_for_completion(p.messages) for p in test_problems + gold_problems]
         samples = rollouts.sample(params, prompts, n=1, seed=rc.eval_seed, temperature=rc.eval_temperature)
+        samples, gold_samples = samples[:len(test_problems)], samples[len(test_problems):]
+        prompts = prompts[:len(test_problems)]
         rows = grpo.rollout_rows(prompts, samples, dc.seq_len)
         log_ratio = (rollouts.row_logprobs(params, rows) - rollouts.row_logprobs(rollouts.reference(params), rows))
         tokens = [s.tokens for [s] in samples]
@@ -238,6 +253,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
                    "eval/kl": float(np.sum(log_ratio * rows["loss_mask"]) / len(samples)),
                    "eval/length": float(np.mean([len(t) for t in tokens])),
                    "eval/distinct_1": distinct_n(tokens, 1), "eval/distinct_2": distinct_n(tokens, 2)}
+        if gold is not None:
+            figures["eval/gold"] = float(np.mean([gold(p, s.text, len(s.tokens))
+                                                  for p, [s] in zip(gold_problems, gold_samples)]))
         if judge is None:
             return figures
         judged = judge(test_problems, samples)
@@ -300,7 +318,7 @@ def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int,
 
 
 def plot_monitor(workdir: str) -> None:
-    """rlhf.png: proxy and judge on the held-out prompts against steps and against KL; linked from report.md."""
+    """rlhf.png: proxy, judge and gold on held-out prompts against steps and KL, peaks marked; linked from report.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,12 +334,17 @@ def plot_monitor(workdir: str) -> None:
             monitor = json.load(f)
     steps = [r["step"] for r in rows]
     kl = [r["eval/kl"] for r in rows]
+    gold_peak = max(rows, key=lambda r: r["eval/gold"]) if "eval/gold" in rows[0] else None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, x, label in ((axes[0], steps, "step"), (axes[1], kl, "KL to the starting policy (nats per reply)")):
         ax.plot(x, [r["eval/proxy"] for r in rows], "o-", label="proxy reward model")
         if "eval/judge" in rows[0]:
-            ax.plot(x, [r["eval/judge"] for r in rows], "s-", label="judge (gold)")
+            ax.plot(x, [r["eval/judge"] for r in rows], "s-", label="judge (the monitor's)")
+        if "eval/gold" in rows[0]:
+            ax.plot(x, [r["eval/gold"] for r in rows], "^-", label="gold (prompts the monitor never sees)")
         marks = [(monitor["best"], "g", "--", "best judge")] if monitor.get("best") else []
+        if gold_peak is not None:
+            marks.append((gold_peak, "k", "-.", "gold peak"))
         marks += [(point, "r", ":", "monitor's alarm" + ("" if point == monitor.get("alarm") else ", withdrawn"))
                   for point in monitor.get("alarms", [])]
         for point, color, style, what in marks:
@@ -346,5 +369,11 @@ def plot_monitor(workdir: str) -> None:
             verdict = (f"\nNo reward hacking standing at the end; best judge {best['judge']:.4f} at step "
                        f"{best['step']}" + (f" (alarms at steps {withdrawn} were withdrawn when the judge recovered)"
                                             if withdrawn else "") + ".\n")
+        if gold_peak is not None and monitor.get("best"):
+            chosen, peak = monitor["best"]["step"], gold_peak["step"]
+            verdict += (f"\nGold (on prompts the monitor never sees): {rows[0]['eval/gold']:.4f} at the start, peak "
+                        f"{gold_peak['eval/gold']:.4f} at step {peak}, {rows[-1]['eval/gold']:.4f} at the end; the "
+                        f"monitor's best judge is {abs(chosen - peak)} steps from the gold peak"
+                        + (f" ({abs(chosen - peak) / peak:.0%} of it)" if peak else "") + ".\n")
         with open(report, "a") as f:
-            f.write(verdict + "\n![proxy and judge against steps and KL](rlhf.png)\n")
+            f.write(verdict + "\n![proxy, judge and gold against steps and KL](rlhf.png)\n")
