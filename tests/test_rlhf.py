@@ -155,5 +155,28 @@ def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold
         keep_end=True)
     np.testing.assert_allclose(judge(test[:2], samples), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="needs a verifiable data.task"):
-        rlhf.make_judge(ml_collections.ConfigDict({"max_new_tokens": 16}), ml_collections.ConfigDict({"judge": "gold"}),
-                        task)
+        rlhf.make_judge(ml_collections.ConfigDict({"max_new_tokens": 16}),
+                        ml_collections.ConfigDict({"judge": "gold", "gold": "rule"}), task)
+    gold = rlhf.make_judge(ml_collections.ConfigDict({"max_new_tokens": 16}),  # a reward model as the gold
+                           ml_collections.ConfigDict({"judge": "gold", "gold": str(tmp_path / "judge")}), task)
+    np.testing.assert_allclose(gold(test[:2], samples), expected, rtol=1e-6)
+
+    # Gold-labelled pairs of a (fresh) policy's replies to pair prompts: the higher gold score chosen, the scores
+    # the gold reward model's; prompts with no room for a reply in data.seq_len left out.
+    from llm import model
+    from llm.release import save_release
+
+    save_release(str(tmp_path / "policy"), cfg, jax.device_get(model.init_params(cfg, jax.random.key(3))), tok)
+    overrides = [f"--config.init_from={tmp_path / 'policy'}", "--config.data.task=pairs", f"--config.data.path={hh}",
+                 "--config.data.seq_len=120",
+                 "--config.rl.max_new_tokens=12", "--config.rl.require_stop=False",
+                 f"--config.rlhf.gold={tmp_path / 'judge'}"]
+    config = load_config(os.path.join(ROOT, "configs", "overoptimization_tiny.py"), overrides)
+    records = rlhf.label_pairs(config, n_prompts=4, samples=3)
+    assert records and all(r["gold_chosen"] > r["gold_rejected"] for r in records)
+    judged = reward_model.RewardModel.load(str(tmp_path / "judge")).score(
+        [[*r["prompt"], {"role": "assistant", "content": r[side]}] for r in records for side in ("chosen", "rejected")],
+        keep_end=True)
+    np.testing.assert_allclose(judged, [r[f"gold_{side}"] for r in records for side in ("chosen", "rejected")],
+                               rtol=1e-5, atol=1e-6)
+    assert all(len(tok.render_for_completion(r["prompt"])) + 12 <= 121 for r in records)

@@ -78,10 +78,13 @@ def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data
     config.rlhf = ml_collections.ConfigDict(dict(
         reward_model="runs/reward/release",  # the proxy: a `launch.reward` release
         normalize=True,  # standardise the proxy's scores over each rollout batch
-        judge="",  # "": none; "gold": the task's programmatic preference (gold_score); or a reward-model release
+        judge="",  # "": none; "gold": the gold preference below; or a reward-model release (a second RM)
+        gold="rule",  # the hidden gold preference of an over-optimisation experiment (judge "gold", gold_problems,
+        # label_pairs): "rule", the task's programmatic gold_score; or a reward-model release (Gao et al. 2022's
+        # synthetic setup: a reward model trained on human pairs stands in for the humans)
         gold_length_bonus=0.5,  # gold_score: a right answer scores 1, times up to 1 + this for being short
-        gold_problems=0,  # a verifiable task: gold_score on this many more held-out prompts the monitor never
-        # sees (eval/gold), the experiment's measure of the true reward, to check the monitor's choice against
+        gold_problems=0,  # the gold on this many more held-out prompts the monitor never sees (eval/gold): the
+        # experiment's measure of the true reward, to check the monitor's choice against
         patience=3,  # evaluations in a row with the proxy up and the judge down before the alarm
         tolerance=0.0,  # how far below its best the judge must be to count as down, beyond its noise:
         significance=1.64,  # ... and z standard errors of the drop (one-sided 95%); 0 counts any drop
@@ -110,32 +113,60 @@ def _conversations(problems: list[Problem], samples: list[list[Any]]) -> list[li
             for s in group]
 
 
-def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task | None
-               ) -> Callable[[list[Problem], list[list[Any]]], np.ndarray] | None:
-    """(problems, samples) -> judge scores [P * G], or None without a judge."""
+Judge = Callable[[list[Problem], list[list[Any]]], np.ndarray]  # (problems, samples per problem) -> [P * G]
+
+
+def reward_model_scorer(path: str) -> Judge:
+    """A `launch.reward` release's scores of the whole conversations (their last tokens where too long)."""
+    scorer = reward_model.RewardModel.load(path)
+    return lambda problems, samples: scorer.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
+
+
+def make_gold(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task) -> Judge:
+    """The hidden gold preference (`rlhf.gold`): the task's `gold_score` ("rule") or a reward model's release."""
+    if hc.gold != "rule":
+        return reward_model_scorer(hc.gold)
+    if task.reward is None:
+        raise ValueError("rlhf.gold='rule' needs a verifiable data.task (spelling, arithmetic, gsm8k); "
+                         "give a reward-model release as rlhf.gold for preference-pair prompts")
+    gold = functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
+    return lambda problems, samples: np.asarray([gold(p, s.text, len(s.tokens)) for p, group in
+                                                 zip(problems, samples) for s in group], np.float64)
+
+
+def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task) -> Judge | None:
+    """The monitor's judge (`rlhf.judge`): none, the gold preference, or a second reward model's release."""
     if not hc.judge:
         return None
-    if hc.judge == "gold":
-        if task is None or task.reward is None:
-            raise ValueError("rlhf.judge='gold' needs a verifiable data.task (spelling, arithmetic, gsm8k)")
-        gold = functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
-        return lambda problems, samples: np.asarray([gold(p, s.text, len(s.tokens)) for p, group in
-                                                     zip(problems, samples) for s in group], np.float64)
-    judge = reward_model.RewardModel.load(hc.judge)
-    return lambda problems, samples: judge.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
+    return make_gold(rc, hc, task) if hc.judge == "gold" else reward_model_scorer(hc.judge)
 
 
-def pair_prompts(dc: ml_collections.ConfigDict) -> grpo.Task:
-    """Prompts of preference pairs as a task without a reward: train and held-out prompts split by prompt."""
+def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] = lambda p: True) -> grpo.Task:
+    """Prompts of preference pairs as a task without a reward: train and held-out prompts split by prompt; a prompt
+    that does not `fit` (no room left for a reply) is left out and counted."""
     found = prefs.open_pairs(dc.pairs_kind, dc.path)
     train, test = prefs.split_pairs(found.items, 0.1)
     unique = lambda pairs: list({p.split_key: Problem(messages=p.prompt, answer="", key=p.split_key)  # noqa: E731
                                  for p in pairs}.values())
     train, test = unique(train), unique(test)
+    kept_train, kept_test = [p for p in train if fits(p)], [p for p in test if fits(p)]
+    if len(kept_train) + len(kept_test) < len(train) + len(test):
+        print(f"{dc.path}: {len(train) + len(test) - len(kept_train) - len(kept_test)} of {len(train) + len(test)} "
+              f"prompts leave no room for a reply in data.seq_len and are left out")
+    train, test = kept_train, kept_test
     if not train or not test:
-        raise ValueError(f"{dc.path}: no prompts to train on or hold out ({found.describe()})")
+        raise ValueError(f"{dc.path}: no prompts to train on or hold out that fit ({found.describe()})")
     return grpo.Task(lambda index, n: random.Random(index).sample(train, min(n, len(train))),
                      lambda n, seed: random.Random(seed).sample(test, min(n, len(test))), None)
+
+
+def prompt_task(config: ml_collections.ConfigDict, tokenizer) -> grpo.Task:
+    """The configured task (`data.task`); preference-pair prompts only where a whole reply fits after them."""
+    dc, rc = config.data, config.rl
+    if dc.task != "pairs":
+        return grpo.make_task(dc)
+    return pair_prompts(dc, lambda p: len(tokenizer.render_for_completion(list(p.messages))) + rc.max_new_tokens
+                        <= dc.seq_len + 1)
 
 
 def distinct_n(token_lists: list[list[int]], n: int) -> float:
@@ -207,7 +238,7 @@ class HackingMonitor:
 def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "") -> loop.Stage:
     dc, rc, hc = config.data, config.rl, config.rlhf
     cfg, initial_params, tokenizer = grpo.load_policy(config)
-    task = pair_prompts(dc) if dc.task == "pairs" else grpo.make_task(dc)
+    task = prompt_task(config, tokenizer)
     proxy = reward_model.RewardModel.load(hc.reward_model)
     if proxy.tokenizer.name != tokenizer.name or proxy.tokenizer.n_vocab != tokenizer.n_vocab:
         print(f"note: the reward model's tokenizer ({proxy.tokenizer.name}) is not the policy's ({tokenizer.name}); "
@@ -215,13 +246,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
     judge = make_judge(rc, hc, task)
     if hc.patience < 1:
         raise ValueError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
-    if hc.gold_problems and (task is None or task.reward is None):
-        raise ValueError("rlhf.gold_problems needs a verifiable data.task (spelling, arithmetic, gsm8k)")
     # One draw split in two, so the gold prompts are disjoint from the monitor's.
     drawn = task.test_problems(rc.eval_problems + hc.gold_problems, rc.eval_seed)
     test_problems, gold_problems = drawn[:rc.eval_problems], drawn[rc.eval_problems:]
-    gold = (functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
-            if gold_problems else None)
+    gold = make_gold(rc, hc, task) if gold_problems else None
 
     def score(problems: list[Problem], samples: list[list[Any]]) -> tuple[np.ndarray, dict[str, float]]:
         raw = proxy.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
@@ -254,8 +282,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
                    "eval/length": float(np.mean([len(t) for t in tokens])),
                    "eval/distinct_1": distinct_n(tokens, 1), "eval/distinct_2": distinct_n(tokens, 2)}
         if gold is not None:
-            figures["eval/gold"] = float(np.mean([gold(p, s.text, len(s.tokens))
-                                                  for p, [s] in zip(gold_problems, gold_samples)]))
+            figures["eval/gold"] = float(gold(gold_problems, gold_samples).mean())
         if judge is None:
             return figures
         judged = judge(test_problems, samples)
@@ -287,24 +314,29 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
 
 
 def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int, seed: int = 0) -> list[dict]:
-    """Preference pairs labelled by the gold preference: `samples` replies of the starting policy per training
-    prompt of the task, every two replies with different gold scores a pair (the higher one chosen).
+    """Preference pairs labelled by the gold preference (`rlhf.gold`): `samples` replies of the starting policy per
+    training prompt of the task, every two replies with different gold scores a pair (the higher one chosen).
 
     Records are `{"prompt": messages, "chosen", "rejected", "gold_chosen", "gold_rejected"}` (`read_pairs` reads them).
     """
     rc, hc = config.rl, config.rlhf
     cfg, params, tokenizer = grpo.load_policy(config)
-    task = grpo.make_task(config.data)
-    gold = functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
+    if params is None:
+        raise ValueError("label_pairs samples a trained policy: set init_from (an SFT release or checkpoint)")
+    task = prompt_task(config, tokenizer)
+    gold = make_gold(rc, hc, task)
     problems = task.train_problems(10_000_019 + seed, n_prompts)  # not the RL run's rollout draws
     engine = grpo.engine_for(cfg, params, tokenizer, rc.tools)
     stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
     sampling = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, n=samples, seed=seed,
-                                   stop_token_ids=stops)
+                              stop_token_ids=stops)
     groups = engine.generate([tokenizer.render_for_completion(p.messages) for p in problems], sampling)
+    if rc.require_stop:  # a reply cut at max_new_tokens is no example
+        groups = [[s for s in group if s.finish_reason == "stop"] for group in groups]
+    scores = iter(gold(problems, groups).tolist())
     records = []
     for problem, group in zip(problems, groups):
-        scored = [(gold(problem, s.text, len(s.tokens)), s.text) for s in group if s.finish_reason == "stop"]
+        scored = [(next(scores), s.text) for s in group]
         for i, (a_score, a) in enumerate(scored):
             for b_score, b in scored[i + 1:]:
                 if a_score != b_score and a.strip() != b.strip():
