@@ -97,7 +97,8 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
     monkeypatch.setattr(rlhf, "HackingMonitor", AlarmAtThirdEvaluation)
     overrides = ["--config.init_from=", f"--config.data.tokenizer={tok_path}", "--config.model.vocab_size=384",
                  "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.mlp_dim=64",
-                 "--config.model.max_seq_len=96", f"--config.data.path={WORDS}", "--config.data.prompts_per_step=4",
+                 "--config.model.max_seq_len=96", "--config.data.task=spelling", f"--config.data.path={WORDS}",
+                 "--config.rlhf.gold=rule", "--config.data.prompts_per_step=4",
                  "--config.data.samples_per_prompt=4", "--config.data.seq_len=80", "--config.rl.max_new_tokens=16",
                  "--config.rl.eval_problems=8", "--config.rl.require_stop=False", "--config.rlhf.gold_problems=4",
                  f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.stop_on_hacking=True",
