@@ -5,9 +5,9 @@
 
 Samples `--samples` replies of the config's starting policy (`init_from`) to
 `--prompts` training prompts of its task (`data.task`) and writes every two
-replies with different gold scores (`llm.stages.rlhf.gold_score`: a right answer
-first, then shorter is better) as a preference pair, JSONL that
-`launch.reward` reads (`kind: jsonl`).
+replies with different gold scores as a preference pair (`rlhf.gold`: a reward
+model's release, or "rule", `llm.stages.rlhf.gold_score` on a verifiable task),
+JSONL that `launch.reward` reads (`kind: jsonl`).
 """
 
 import argparse
