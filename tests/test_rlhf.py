@@ -181,3 +181,7 @@ def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold
     np.testing.assert_allclose(judged, [r[f"gold_{side}"] for r in records for side in ("chosen", "rejected")],
                                rtol=1e-5, atol=1e-6)
     assert all(len(tok.render_for_completion(r["prompt"])) + 12 <= 121 for r in records)
+    with pytest.raises(ValueError, match="ask for 10008 held-out prompts; the task holds out"):
+        rlhf.build(load_config(os.path.join(ROOT, "configs", "overoptimization_tiny.py"),
+                               overrides + ["--config.rl.eval_problems=8", "--config.rlhf.gold_problems=10000",
+                                            f"--config.rlhf.reward_model={tmp_path / 'judge'}"]), str(tmp_path / "x"))

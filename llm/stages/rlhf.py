@@ -248,6 +248,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
         raise ValueError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
     # One draw split in two, so the gold prompts are disjoint from the monitor's.
     drawn = task.test_problems(rc.eval_problems + hc.gold_problems, rc.eval_seed)
+    if len(drawn) < rc.eval_problems + hc.gold_problems:
+        raise ValueError(f"rl.eval_problems={rc.eval_problems} and rlhf.gold_problems={hc.gold_problems} ask for "
+                         f"{rc.eval_problems + hc.gold_problems} held-out prompts; the task holds out {len(drawn)}")
     test_problems, gold_problems = drawn[:rc.eval_problems], drawn[rc.eval_problems:]
     gold = make_gold(rc, hc, task) if gold_problems else None
 
