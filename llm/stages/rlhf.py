@@ -134,11 +134,15 @@ def make_gold(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task
                                                  zip(problems, samples) for s in group], np.float64)
 
 
-def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task) -> Judge | None:
-    """The monitor's judge (`rlhf.judge`): none, the gold preference, or a second reward model's release."""
+def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task,
+               gold: Judge | None = None) -> Judge | None:
+    """The monitor's judge (`rlhf.judge`): none, the gold preference (`gold` when already loaded), or a second
+    reward model's release."""
     if not hc.judge:
         return None
-    return make_gold(rc, hc, task) if hc.judge == "gold" else reward_model_scorer(hc.judge)
+    if hc.judge == "gold":
+        return gold or make_gold(rc, hc, task)
+    return reward_model_scorer(hc.judge)
 
 
 def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] = lambda p: True) -> grpo.Task:
@@ -243,7 +247,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
     if proxy.tokenizer.name != tokenizer.name or proxy.tokenizer.n_vocab != tokenizer.n_vocab:
         print(f"note: the reward model's tokenizer ({proxy.tokenizer.name}) is not the policy's ({tokenizer.name}); "
               f"replies are scored as text, rendered in its own chat format")
-    judge = make_judge(rc, hc, task)
+    gold = make_gold(rc, hc, task) if hc.gold_problems or hc.judge == "gold" else None  # loaded once
+    judge = make_judge(rc, hc, task, gold)
     if hc.patience < 1:
         raise ValueError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
     # One draw split in two, so the gold prompts are disjoint from the monitor's.
@@ -252,7 +257,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
         raise ValueError(f"rl.eval_problems={rc.eval_problems} and rlhf.gold_problems={hc.gold_problems} ask for "
                          f"{rc.eval_problems + hc.gold_problems} held-out prompts; the task holds out {len(drawn)}")
     test_problems, gold_problems = drawn[:rc.eval_problems], drawn[rc.eval_problems:]
-    gold = make_gold(rc, hc, task) if gold_problems else None
 
     def score(problems: list[Problem], samples: list[list[Any]]) -> tuple[np.ndarray, dict[str, float]]:
         raw = proxy.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
@@ -284,7 +288,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
                    "eval/kl": float(np.sum(log_ratio * rows["loss_mask"]) / len(samples)),
                    "eval/length": float(np.mean([len(t) for t in tokens])),
                    "eval/distinct_1": distinct_n(tokens, 1), "eval/distinct_2": distinct_n(tokens, 2)}
-        if gold is not None:
+        if gold_problems:
             figures["eval/gold"] = float(gold(gold_problems, gold_samples).mean())
         if judge is None:
             return figures
