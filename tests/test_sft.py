@@ -311,6 +311,23 @@ def test_identity_holds_out_paraphrases_and_spelling_counts_right():
         assert [x.split("(")[0] for x in answer.split(".")[0].split(",")] == list(word)  # spelled, marks aside
 
 
+def test_spelling_direct_fraction_answers_some_questions_without_spelling_and_keeps_the_questions():
+    words = conv.read_words(WORDS)
+    spelled, mixed = conv.spelling(words, 400, seed=3), conv.spelling(words, 400, seed=3, direct_fraction=0.5)
+    direct = 0
+    for a, b in zip(spelled, mixed):
+        assert a.messages[0] == b.messages[0]  # the coin does not move the word and letter draws
+        question, reply = b.messages[0]["content"], b.messages[1]["content"]
+        letter, word = question.split("'")[1], question.split('"')[1]
+        count = word.count(letter)
+        if reply != a.messages[1]["content"]:
+            direct += 1
+            assert reply == f"'{letter}' appears {count} time{'s' if count != 1 else ''}. #### {count}"
+    assert 160 <= direct <= 240  # half, at random (binomial 400 x 0.5: 4 sigma either side)
+    with pytest.raises(ValueError, match="direct_fraction"):
+        conv.spelling(words, 4, direct_fraction=1.5)
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} is absent (the shared data folder)")
 def test_the_shared_oasst1_slice_gives_one_conversation_per_tree():
     assert len(conv.read_oasst(os.path.join(SHARED, "chat", "oasst1_en_validation.jsonl"))) == 188

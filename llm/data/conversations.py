@@ -12,6 +12,7 @@ parts ending in a tool call, answered by the next `tool` message). Sources:
     gsm8k(path)                GSM8K with a calculator call for every `<<expression=result>>`
     identity(IdentitySpec)     who the assistant is, in many paraphrases; some held out for evaluation
     spelling(words)            spell a word, count a letter (0, 1, 2 or 3 times, equally often), answer
+                               (or a share answered at once, without spelling: `direct_fraction`)
 
 Every reader returns `Conversations` (the kept ones and a count of skips by
 reason). Bad input never stops a run midway: a line that is not JSON, an unknown
@@ -428,13 +429,14 @@ def read_words(path: str | Path, *, min_len: int = 3, max_len: int = 12) -> list
             if min_len <= len(w) <= max_len and w.isalpha() and w.isascii()]
 
 
-def spelling_messages(word: str, letter: str) -> list[Message]:
+def spelling_messages(word: str, letter: str, *, spell: bool = True) -> list[Message]:
     """How many times does `letter` appear in `word`: spell it, marking each `letter` with the count so far, answer.
 
     "c(1),o,l,p,i,n,d,a,c(2),h. So 'c' appears 2 times. #### 2": the running
     count sits on the letter it counts, so each step looks back one mark (a
     tiny model cannot count positions or occurrences across the word); the
-    answer is the last mark, or 0 without one.
+    answer is the last mark, or 0 without one. `spell=False` answers at once
+    ("'c' appears 2 times. #### 2"): the same question without the thinking.
     """
     count, marked = 0, []
     for c in word:
@@ -443,7 +445,8 @@ def spelling_messages(word: str, letter: str) -> list[Message]:
             marked.append(f"{c}({count})")
         else:
             marked.append(c)
-    reply = f"{','.join(marked)}. So '{letter}' appears {count} time{'s' if count != 1 else ''}. #### {count}"
+    answer = f"'{letter}' appears {count} time{'s' if count != 1 else ''}. #### {count}"
+    reply = f"{','.join(marked)}. So {answer}" if spell else answer
     return [{"role": "user", "content": f"How many times does the letter '{letter}' appear in the word \"{word}\"?"},
             {"role": "assistant", "content": reply}]
 
@@ -480,15 +483,23 @@ def draw_letter(rng: random.Random, words: Sequence[str], count: int, tries: int
 
 
 def spelling(words: Sequence[str], n: int, *, seed: int = 0, split: str = "train",
-             counts: Sequence[int] = SPELLING_COUNTS) -> Conversations:
+             counts: Sequence[int] = SPELLING_COUNTS, direct_fraction: float = 0.0) -> Conversations:
     """`n` letter-counting conversations over the `split` words (`split_words`; "" for all), asking for
-    the `counts` in turn (`draw_letter`): the SFT mixture trains on the words GRPO trains on, never the held-out ones."""
+    the `counts` in turn (`draw_letter`): the SFT mixture trains on the words GRPO trains on, never the held-out ones.
+
+    A `direct_fraction` of them answer without spelling the word out
+    (`spell=False`), at random: the fine-tuned model then chooses between
+    thinking and guessing on its own, and GRPO can learn which pays.
+    """
+    if not 0.0 <= direct_fraction <= 1.0:
+        raise ValueError(f"direct_fraction must be in [0, 1], got {direct_fraction}")
     pool = split_words(words, split) if split else list(words)
-    rng = random.Random(seed)
+    rng, coin = random.Random(seed), random.Random(f"direct:{seed}")
     items = []
     for i in range(n):
         word, letter = draw_letter(rng, pool, counts[i % len(counts)])
-        items.append(Conversation(spelling_messages(word, letter), f"spelling:{seed}:{i}"))
+        spell = direct_fraction == 0.0 or coin.random() >= direct_fraction
+        items.append(Conversation(spelling_messages(word, letter, spell=spell), f"spelling:{seed}:{i}"))
     return Conversations(items)
 
 
