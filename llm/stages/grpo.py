@@ -194,7 +194,8 @@ def _interval(values: list[float]) -> float:
 def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], reward, *, n: int, temperature: float,
                   max_new_tokens: int, seed: int, greedy: bool, tools: bool, require_stop: bool = True,
                   batch_size: int = 64) -> dict[str, float]:
-    """Held-out pass@1 and pass@n (n samples at `temperature`) and greedy pass@1, each with its 95% half-interval."""
+    """Held-out pass@1 and pass@n (n samples at `temperature`) and greedy pass@1, each with its 95% half-interval,
+    and the mean completion length of each."""
     engine = engine_for(cfg, params, tokenizer, tools)
     prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
     stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
@@ -203,11 +204,13 @@ def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], re
     for prefix, count, temp in runs:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, n=count, seed=seed,
                                   stop_token_ids=stops)
-        right = []
+        right, lengths = [], []
         for start in range(0, len(prompts), batch_size):
             groups = engine.generate(prompts[start:start + batch_size], sampling)
             right += [sum(_score(reward, p, s, require_stop) == 1.0 for s in group)
                       for p, group in zip(problems[start:], groups)]
+            lengths += [len(s.tokens) for group in groups for s in group]
+        figures[f"heldout/{prefix}completion_len"] = float(np.mean(lengths))  # how long it thinks
         for k in sorted({1, count}):
             scores = [pass_at_k(count, c, k) for c in right]
             figures[f"heldout/{prefix}pass@{k}"] = float(np.mean(scores))
@@ -392,7 +395,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
 
 def plot_curves(workdir: str) -> None:
-    """grpo.png: the rollout reward per step and the held-out pass@1 at each evaluation; linked from report.md."""
+    """grpo.png: the rollout reward and completion length per step, and the held-out pass@1 at each evaluation
+    (left), the completion lengths (right: DeepSeek-R1's "thinking grows" curve); linked from report.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,21 +404,32 @@ def plot_curves(workdir: str) -> None:
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    reward = [(r["step"], r["pass1_batch"]) for r in rows if "pass1_batch" in r]
+    fig, (ax, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
+
+    def per_step(axis, key: str, label: str) -> None:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            steps, values = zip(*points)
+            window = max(1, len(values) // 20)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            axis.plot(steps, values, alpha=0.3, label=label)
+            axis.plot(steps[window - 1:], smooth, label=f"{label}, mean of {window}")
+
+    per_step(ax, "pass1_batch", "rollout pass@1 (batch)")
     held = [(r["step"], r["heldout/pass@1"], r["heldout/pass@1_ci95"]) for r in rows if "heldout/pass@1" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if reward:
-        steps, values = zip(*reward)
-        window = max(1, len(values) // 20)
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(steps, values, alpha=0.3, label="rollout pass@1 (batch)")
-        ax.plot(steps[window - 1:], smooth, label=f"rollout pass@1, mean of {window}")
     if held:
         steps, values, ci = zip(*held)
         ax.errorbar(steps, values, yerr=ci, fmt="o-", capsize=3, label="held-out pass@1 (95% interval)")
     ax.set_xlabel("step")
     ax.set_ylabel("pass@1")
     ax.legend()
+    per_step(ax_len, "completion_len", "rollout completion")
+    held_len = [(r["step"], r["heldout/completion_len"]) for r in rows if "heldout/completion_len" in r]
+    if held_len:
+        ax_len.plot(*zip(*held_len), "o-", label="held-out completion")
+    ax_len.set_xlabel("step")
+    ax_len.set_ylabel("tokens")
+    ax_len.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "grpo.png"), dpi=100)
     plt.close(fig)
