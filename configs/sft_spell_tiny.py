@@ -7,7 +7,7 @@
 and half spelled out first ("s,t,r(1),a,w,b,e,r(2),r(3),y. So 'r' appears 3
 times. #### 3"), at random (`direct_fraction=0.5`), for 1,500 steps. The
 fine-tuned model then chooses for itself whether to think, about half the time:
-it spells in 52% of held-out samples and is right in 86% of those, against 41%
+it spells in 53% of held-out samples and is right in 86% of those, against 41%
 when it answers at once, so GRPO can learn that spelling pays (DeepSeek-R1's
 longer thinking, in miniature). With every conversation spelled out (an earlier
 start) GRPO had nothing to choose: stopped at 500 steps the model could not

@@ -13,41 +13,30 @@ rose because the model spells more often or because it spells better.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from llm.generate import Engine, SamplingParams
-from llm.tasks import spelling
+from llm.config import load_config
+from llm.stages import grpo
 from llm.train import loop
 
-
-def grpo_tiny_config():
-    spec = importlib.util.spec_from_file_location("grpo_tiny", Path(__file__).parents[1] / "configs" / "grpo_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+CONFIG = str(Path(__file__).parents[1] / "configs" / "grpo_tiny.py")
 
 
 def modes(source: str) -> str:
-    config = grpo_tiny_config()
-    config.init_from = source
+    config = load_config(CONFIG, [f"--config.init_from={source}"])
+    rc = config.rl
     cfg, params, tokenizer = loop.load_init_from(config)
-    problems = spelling.problems(spelling.read_words(config.data.path), config.rl.eval_problems, split="test",
-                                 seed=config.rl.eval_seed)
-    engine = Engine(cfg, params, tokenizer)
-    sampling = SamplingParams(max_new_tokens=config.rl.max_new_tokens, temperature=config.rl.eval_temperature,
-                              n=config.rl.eval_samples, seed=config.rl.eval_seed,
-                              stop_token_ids=tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot))))
-    spelled, right = [], []
-    prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
-    for start in range(0, len(prompts), 64):
-        for problem, group in zip(problems[start:], engine.generate(prompts[start:start + 64], sampling)):
-            for sample in group:
-                spelled.append(" So '" in sample.text)  # the spelling's closing sentence; a direct answer lacks it
-                right.append(sample.finish_reason == "stop" and spelling.grade(problem, sample.text))
-    spelled_S, right_S = np.asarray(spelled), np.asarray(right)
+    task = grpo.make_task(config.data)
+    problems = task.test_problems(rc.eval_problems, rc.eval_seed)
+    groups = grpo.sample_problems(grpo.engine_for(cfg, params, tokenizer, rc.tools), tokenizer, problems,
+                                  n=rc.eval_samples, temperature=rc.eval_temperature,
+                                  max_new_tokens=rc.max_new_tokens, seed=rc.eval_seed)
+    samples = [(p, s) for p, group in zip(problems, groups) for s in group]
+    # " So '" opens the spelling's closing sentence; a direct answer lacks it.
+    spelled_S = np.asarray([" So '" in s.text for _, s in samples])
+    right_S = np.asarray([grpo.sample_reward(task.reward, p, s, rc.require_stop) == 1.0 for p, s in samples])
 
     def rate(mask) -> str:
         return f"{right_S[mask].mean():.3f} of {mask.sum()}" if mask.any() else "none"

@@ -191,26 +191,32 @@ def _interval(values: list[float]) -> float:
     return float(1.96 * np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
+def sample_problems(engine: Engine, tokenizer: Tokenizer, problems: list[Problem], *, n: int, temperature: float,
+                    max_new_tokens: int, seed: int, batch_size: int = 64) -> list[list[Any]]:
+    """`n` samples of each problem (its messages rendered for the assistant's turn), `batch_size` prompts at a time;
+    a sample ends at the end of its turn or at `max_new_tokens`."""
+    stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,
+                              stop_token_ids=stops)
+    prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
+    return [group for start in range(0, len(prompts), batch_size)
+            for group in engine.generate(prompts[start:start + batch_size], sampling)]
+
+
 def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], reward, *, n: int, temperature: float,
                   max_new_tokens: int, seed: int, greedy: bool, tools: bool, require_stop: bool = True,
                   batch_size: int = 64) -> dict[str, float]:
     """Held-out pass@1 and pass@n (n samples at `temperature`) and greedy pass@1, each with its 95% half-interval,
     and the mean completion length of each."""
     engine = engine_for(cfg, params, tokenizer, tools)
-    prompts = [tokenizer.render_for_completion(p.messages) for p in problems]
-    stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
     figures = {}
     runs = [("", n, temperature)] + ([("greedy_", 1, 0.0)] if greedy else [])
     for prefix, count, temp in runs:
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, n=count, seed=seed,
-                                  stop_token_ids=stops)
-        right, lengths = [], []
-        for start in range(0, len(prompts), batch_size):
-            groups = engine.generate(prompts[start:start + batch_size], sampling)
-            right += [sum(_score(reward, p, s, require_stop) == 1.0 for s in group)
-                      for p, group in zip(problems[start:], groups)]
-            lengths += [len(s.tokens) for group in groups for s in group]
-        figures[f"heldout/{prefix}completion_len"] = float(np.mean(lengths))  # how long it thinks
+        groups = sample_problems(engine, tokenizer, problems, n=count, temperature=temp,
+                                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+        right = [sum(sample_reward(reward, p, s, require_stop) == 1.0 for s in group)
+                 for p, group in zip(problems, groups)]
+        figures[f"heldout/{prefix}completion_len"] = float(np.mean([len(s.tokens) for g in groups for s in g]))
         for k in sorted({1, count}):
             scores = [pass_at_k(count, c, k) for c in right]
             figures[f"heldout/{prefix}pass@{k}"] = float(np.mean(scores))
@@ -218,7 +224,7 @@ def evaluate_pass(cfg, params, tokenizer: Tokenizer, problems: list[Problem], re
     return figures
 
 
-def _score(reward, problem: Problem, sample, require_stop: bool) -> float:
+def sample_reward(reward, problem: Problem, sample, require_stop: bool) -> float:
     """The task's reward of a sample; 0 for one cut before it ended its turn when `require_stop`."""
     return 0.0 if require_stop and sample.finish_reason != "stop" else reward(problem, sample.text)
 
@@ -254,7 +260,7 @@ Scorer = Callable[[list[Problem], list[list[Any]]], tuple[np.ndarray, dict[str, 
 def score_by_task(task: Task, require_stop: bool, problems: list[Problem], samples: list[list[Any]]
                   ) -> tuple[np.ndarray, dict[str, float]]:
     """A verifiable task's rewards, and the batch's pass@1 and shares of all-solved and none-solved groups."""
-    rewards_PxG = np.asarray([[_score(task.reward, p, s, require_stop) for s in group]
+    rewards_PxG = np.asarray([[sample_reward(task.reward, p, s, require_stop) for s in group]
                               for p, group in zip(problems, samples)])
     correct_PxG = rewards_PxG == 1.0
     return rewards_PxG, {"pass1_batch": float(correct_PxG.mean()), "solved_all": float(correct_PxG.all(axis=1).mean()),

@@ -49,7 +49,6 @@ import numpy as np
 
 from llm import model, reward_model, sharding
 from llm.data import preferences as prefs
-from llm.generate import SamplingParams
 from llm.release import save_release
 from llm.stages import grpo
 from llm.tasks import Problem
@@ -333,11 +332,9 @@ def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int,
     task = prompt_task(config, tokenizer)
     gold = make_gold(rc, hc, task)
     problems = task.train_problems(10_000_019 + seed, n_prompts)  # not the RL run's rollout draws
-    engine = grpo.engine_for(cfg, params, tokenizer, rc.tools)
-    stops = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
-    sampling = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, n=samples, seed=seed,
-                              stop_token_ids=stops)
-    groups = engine.generate([tokenizer.render_for_completion(p.messages) for p in problems], sampling)
+    groups = grpo.sample_problems(grpo.engine_for(cfg, params, tokenizer, rc.tools), tokenizer, problems, n=samples,
+                                  temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, seed=seed,
+                                  batch_size=max(1, len(problems)))
     if rc.require_stop:  # a reply cut at max_new_tokens is no example
         groups = [[s for s in group if s.finish_reason == "stop"] for group in groups]
     scores = iter(gold(problems, groups).tolist())
