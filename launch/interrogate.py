@@ -8,8 +8,10 @@
 
 Interrogation (`llm/tasks/refusals.py`): k samples per question, graded against
 the gold aliases; known questions (right in most samples) become answered
-conversations, unknown ones (never right) refusals, unsure ones are dropped. The
-conversations go to --out (and per verdict beside it) as `{"messages": [...]}`
+conversations (in the model's own words, `--known-target`), unknown ones (never
+right) refusals; unsure ones (right in some samples, not most) are answered too but
+written only beside --out. The conversations go to --out (known and unknown) and
+per verdict beside it (`conversations.known.jsonl`, ...) as `{"messages": [...]}`
 JSONL, an `openai` source for `launch.sft`. `--questions` is a TriviaQA or
 NQ-open JSONL file or a hub dataset id. With --evaluate: greedy replies to the
 questions and to fictional-person questions, figures written to --out as JSON;
@@ -44,6 +46,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="questions per engine call")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--known-target", choices=("own", "gold"), default="own",
+                        help="answer known questions with the model's own right sample, or the gold answer")
     parser.add_argument("--out", required=True, help="conversations .jsonl, or figures .json with --evaluate")
     parser.add_argument("--evaluate", action="store_true", help="greedy evaluation of answers and refusals")
     parser.add_argument("--fictional", type=int, default=20, help="fictional-person questions (with --evaluate)")
@@ -63,10 +67,10 @@ def main(argv=None) -> None:
         items = refusals.interrogate(engine, problems, samples=args.samples, temperature=args.temperature,
                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      seed=args.seed, progress=bar.update)
-    counts = refusals.write_conversations(items, args.out)
+    counts = refusals.write_conversations(items, args.out, args.known_target)
     right = sum(i.right for i in items)
     print(f"{len(items)} questions x {args.samples} samples at temperature {args.temperature}: "
-          f"{counts['known']} known, {counts['unknown']} unknown, {counts['unsure']} unsure (dropped); "
+          f"{counts['known']} known, {counts['unknown']} unknown, {counts['unsure']} unsure (only in their side file); "
           f"{right}/{len(items) * args.samples} samples right; {counts['known'] + counts['unknown']} conversations "
           f"-> {args.out} ({time.time() - started:.0f} s)")
 

@@ -9,7 +9,7 @@ set -euo pipefail
 RUNS=${1:-runs/refusals}
 MODEL=${MODEL:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-../shared/data/evals/triviaqa_validation.jsonl}
-HELD_OUT=${HELD_OUT:-300} QUESTIONS=${QUESTIONS:-800} SAMPLES=${SAMPLES:-4} TEMPERATURE=${TEMPERATURE:-0.7}
+HELD_OUT=${HELD_OUT:-300} QUESTIONS=${QUESTIONS:-800} SAMPLES=${SAMPLES:-4} TEMPERATURE=${TEMPERATURE:-0.3}
 mkdir -p "$RUNS"
 start=$(date +%s)
 python -m launch.interrogate --evaluate --checkpoint "$MODEL" --questions "$DATA" --limit "$HELD_OUT" \
@@ -19,6 +19,7 @@ python -m launch.interrogate --checkpoint "$MODEL" --questions "$DATA" --skip "$
 rm -rf "$RUNS/sft"  # a fresh fine-tuning run on this interrogation's conversations
 python -m launch.sft --config configs/refusals_smollm2.py --workdir "$RUNS/sft" --config.init_from="$MODEL" \
     --config.data.sources.known.path="$RUNS/conversations.known.jsonl" \
+    --config.data.sources.unsure.path="$RUNS/conversations.unsure.jsonl" \
     --config.data.sources.unknown.path="$RUNS/conversations.unknown.jsonl"
 python -m launch.interrogate --evaluate --checkpoint "$RUNS/sft/release" --questions "$DATA" --limit "$HELD_OUT" \
     --batch-size 32 --baseline "$RUNS/before.json" --out "$RUNS/after.json"

@@ -87,21 +87,36 @@ def _item(key, answers, aliases=("Paris",)):
 
 
 def test_conversations_round_trip_through_read_openai(tmp_path):
-    items = [_item("a", ["Paris.", "It is Paris.", "Lyon"]),  # 2/3: known
+    items = [_item("a", ["Lyon", "It is Paris. A big city.", "Paris."]),  # 2/3: known
              _item("b", ["Lyon", "Nice", "Rome"]),  # 0/3: unknown
-             _item("c", ["Paris", "Lyon", "Rome"])]  # 1/3: unsure, dropped
+             _item("c", ["Paris, then", "Lyon", "Rome"])]  # 1/3: unsure; its right sample ends no sentence
     out = tmp_path / "conv.jsonl"
     counts = refusals.write_conversations(items, out)
     assert counts == {"known": 1, "unknown": 1, "unsure": 1}
-    read = read_openai(out, errors="raise")
+    read = read_openai(out, errors="raise")  # Llama 3's clear cases only
     assert [c.messages for c in read] == [refusals.conversation(items[0]), refusals.conversation(items[1])]
     known, unknown = read.items[0].messages, read.items[1].messages
     assert known[0] == {"role": "system", "content": qa.SYSTEM} and known[1]["content"] == "Question a?"
-    assert known[-1] == {"role": "assistant", "content": "The answer is Paris."}
+    assert known[-1] == {"role": "assistant", "content": "It is Paris."}  # its first right sample's right sentence
     assert unknown[-1]["content"] in refusals.REFUSALS and qa.is_refusal(unknown[-1]["content"])
     assert all(qa.is_refusal(r) for r in refusals.REFUSALS)
     assert [c.messages for c in read_openai(refusals.side_path(out, "known"))] == [known]
     assert [c.messages for c in read_openai(refusals.side_path(out, "unknown"))] == [unknown]
+    [unsure] = read_openai(refusals.side_path(out, "unsure"))
+    assert unsure.messages[-1]["content"] == "The answer is Paris."  # no right sentence of its own: the gold one
+    refusals.write_conversations(items, out, known_target="gold")
+    assert read_openai(out).items[0].messages[-1]["content"] == "The answer is Paris."
+
+
+@pytest.mark.parametrize("answers, own", [
+    (["Paris is the capital. It is big."], "Paris is the capital."),
+    (["It is a city. Paris, that is.", "Paris."], "It is a city. Paris, that is."),  # the shortest right prefix
+    (["Lyon.", "Paris!\nMore text."], "Paris!"),  # first line only
+    (["The capital is Paris and it has"], None),  # cut off mid-sentence
+    (["Lyon. Nice."], None),  # never right
+])
+def test_own_answer_is_the_shortest_right_sentence_prefix(answers, own):
+    assert refusals.own_answer(_item("q", answers)) == own
 
 
 def test_fictional_people_are_distinct_and_never_real_questions():
@@ -172,7 +187,10 @@ def test_interrogation_and_evaluation_end_to_end_on_a_tiny_random_model(tmp_path
     interrogate.main([*common, "--samples", "3", "--temperature", "0.01", "--out", str(out)])
     assert "1 known, 1 unknown, 0 unsure" in capsys.readouterr().out
     known, unknown = read_openai(out, errors="raise")
-    assert known.messages[-1]["content"] == f"The answer is {said}."
+    reply = known.messages[-1]["content"]  # the model's own right sentence, or the gold one when it has none
+    assert qa.grade(qa.make_problem("What is the capital of France?", [said]), reply)
+    samples = json.loads(out.read_text().splitlines()[0])["samples"]
+    assert reply == f"The answer is {said}." or any(s.strip().startswith(reply) for s in samples)
     assert unknown.messages[-1]["content"] in refusals.REFUSALS
 
     figures = tmp_path / "before.json"

@@ -10,14 +10,19 @@ ends ("know what it knows"). Here:
   system instruction of `qa.SYSTEM`), each graded by `qa.grade`.
 - `classify`: *known* when the model is right in a strict majority of the k
   samples (right > k/2: a coin-flip answer is not knowledge); *unknown* when it is
-  never right (0 of k); anything between is *unsure* and dropped, as Llama 3
-  keeps only the clear cases, so no question teaches both answering and refusing.
-- `conversation`: a known question is answered with the gold answer in a short
-  sentence ("The answer is X."); an unknown one with a refusal (a few phrasings
-  of "I'm not sure; I don't know.", chosen by the question's key).
-  Departures from Llama 3: the gold answer replaces the model's own right sample
-  (so a target is never a lucky paraphrase that is wrong in detail), and there
-  is no LLM judge: grading is `qa.grade`'s alias match.
+  never right (0 of k); anything between is *unsure*. Llama 3 keeps only the clear
+  cases; here the unsure ones are written to their own file (`side_path`), so a
+  mixture may answer them too (the refusal config does: a question the model
+  sometimes gets right is one it should attempt, and the goal counts accuracy).
+- `conversation`: a known (or unsure) question is answered with the model's own
+  right sample, cut to its shortest first sentence that still grades right
+  (`own_answer`), so the answers teach when to answer and not a new style (the
+  gold sentence "The answer is X." alone cost SmolLM2-135M ~3 points of
+  accuracy); the gold sentence when no sentence of a right sample is right on its
+  own (a sample cut off mid-sentence), or with `known_target="gold"`. An unknown
+  question is refused (a few phrasings of "I'm not sure; I don't know.", chosen
+  by the question's key). Departure from Llama 3: there is no LLM judge; grading
+  is `qa.grade`'s alias match.
 - `evaluate`: greedy replies to held-out questions and to questions about
   fictional people (`fictional_people`, never trained on), measured as accuracy,
   hallucination rate (wrong and not refusing) and refusal rates.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -115,18 +121,35 @@ def known_reply(problem: Problem) -> str:
     return f"The answer is {problem.answer[0]}."
 
 
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def own_answer(item: Interrogation) -> str | None:
+    """The model's own words for a question it answered right: of its right samples in order, the shortest
+    prefix of the first line that ends a sentence and still grades right; None when there is none."""
+    for sample in item.answers:
+        first_line = sample.strip().split("\n")[0].strip()
+        for end in _SENTENCE_END.finditer(first_line):
+            if qa.grade(item.problem, first_line[:end.end()]):
+                return first_line[:end.end()]
+    return None
+
+
 def refusal_reply(problem: Problem) -> str:
     """One of the refusal phrasings, fixed per question (by a hash of its key) so reruns write the same data."""
     return REFUSALS[zlib.crc32((problem.key or qa.short_answer(problem.messages[-1]["content"])).encode())
                     % len(REFUSALS)]
 
 
-def conversation(item: Interrogation) -> list[Message] | None:
-    """The question's training conversation: answer if known, refusal if unknown, None if unsure."""
-    verdict = item.verdict
-    if verdict == UNSURE:
-        return None
-    reply = known_reply(item.problem) if verdict == KNOWN else refusal_reply(item.problem)
+def conversation(item: Interrogation, known_target: str = "own") -> list[Message]:
+    """The question's training conversation: refused if unknown, else answered (known and unsure ones alike) with
+    `own_answer` (`known_target="own"`, the gold sentence when it has none) or the gold sentence (`"gold"`)."""
+    if known_target not in ("own", "gold"):
+        raise ValueError(f"known_target is 'own' (the model's right sample) or 'gold', got {known_target!r}")
+    if item.verdict == UNKNOWN:
+        reply = refusal_reply(item.problem)
+    else:
+        reply = (known_target == "own" and own_answer(item)) or known_reply(item.problem)
     return [*item.problem.messages, {"role": "assistant", "content": reply}]
 
 
@@ -136,28 +159,27 @@ def side_path(out: str | Path, verdict: str) -> Path:
     return out.with_name(f"{out.stem}.{verdict}{out.suffix}")
 
 
-def write_conversations(items: Sequence[Interrogation], out: str | Path) -> dict[str, int]:
-    """Writes `{"messages": [...]}` JSONL (read by `conversations.read_openai`): all kept ones to `out`, and
-    the known and unknown ones each to its own file beside it (`side_path`), so an SFT mixture can weight them.
+def write_conversations(items: Sequence[Interrogation], out: str | Path, known_target: str = "own") -> dict[str, int]:
+    """Writes `{"messages": [...]}` JSONL (read by `conversations.read_openai`): the known and unknown ones (Llama
+    3's clear cases) to `out`, and each verdict, unsure included, to its own file beside it (`side_path`), so an SFT
+    mixture can weight them.
 
     Each line also carries `key`, `verdict`, `right` (e.g. "3/4") and the model's `samples`, which the reader ignores.
-    Returns the count of each verdict (unsure ones counted, not written).
+    Returns the count of each verdict.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     counts = {KNOWN: 0, UNKNOWN: 0, UNSURE: 0}
-    files = {v: open(side_path(out, v), "w", encoding="utf-8") for v in (KNOWN, UNKNOWN)}
+    files = {v: open(side_path(out, v), "w", encoding="utf-8") for v in counts}
     try:
         with open(out, "w", encoding="utf-8") as f:
             for item in items:
                 counts[item.verdict] += 1
-                messages = conversation(item)
-                if messages is None:
-                    continue
-                line = json.dumps({"messages": messages, "key": item.problem.key, "verdict": item.verdict,
-                                   "right": f"{item.right}/{len(item.answers)}", "samples": list(item.answers)},
-                                  ensure_ascii=False) + "\n"
-                f.write(line)
+                line = json.dumps({"messages": conversation(item, known_target), "key": item.problem.key,
+                                   "verdict": item.verdict, "right": f"{item.right}/{len(item.answers)}",
+                                   "samples": list(item.answers)}, ensure_ascii=False) + "\n"
+                if item.verdict != UNSURE:
+                    f.write(line)
                 files[item.verdict].write(line)
     finally:
         for f in files.values():
