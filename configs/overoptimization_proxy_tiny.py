@@ -6,7 +6,7 @@ Reads the pairs `launch.label_pairs` wrote (configs/overoptimization_tiny.py
 explains the experiment). The backbone is frozen: a proxy of less capacity than
 the gold, as Gao et al. (2022) find smaller proxies over-optimised sooner;
 trained whole on the same pairs, the proxy tracked the gold for 200 steps
-(BENCHMARKS.md). A fifth of the prompts is held out, where the log shows how
+(BENCHMARKS.md). A tenth of the prompts (beyond the RL run's held-out ones) is held out, where the log shows how
 well the proxy imitates the gold preference.
 """
 
@@ -17,9 +17,9 @@ def get_config():
     config = base_reward_config(model_name="tiny", sharding_name="fsdp")
     config.init_from = "runs/sft/release"
     config.reward.freeze_backbone = True
-    # val_fraction 0.2 of the prompts by the same hash as the RL run's split: on preference-pair prompts the RL
-    # run's own held-out tenth is never labelled (label_pairs draws training prompts), so this holds out the next.
-    config.data.sources = dict(gold=dict(kind="jsonl", path="runs/overopt/pairs.jsonl", val_fraction=0.2))
+    # val_fraction 0.4 of the prompts by the same hash as the RL run's split: the RL run's own held-out 30%
+    # (data.held_out_fraction) is never labelled (label_pairs draws training prompts), so this holds out the next 10%.
+    config.data.sources = dict(gold=dict(kind="jsonl", path="runs/overopt/pairs.jsonl", val_fraction=0.4))
     config.optimizer.update(learning_rate=1e-3, warmup_steps=10)
     config.train.update(steps=150, log_every=10, eval_every=50, checkpoint_every=150)
     return config

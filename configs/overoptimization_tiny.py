@@ -13,8 +13,8 @@ hundred pairs; a proxy reward model, a linear probe of the SFT backbone
 (configs/overoptimization_proxy_tiny.py), learns them; RLHF optimises the proxy
 without a KL penalty, at a constant rate (with the default cosine decay the
 policy all but stops in the second half and both curves flatten together).
-The monitor's judge is the gold on 100 held-out prompts; `eval/gold` is the gold
-on the other 69 held-out prompts, which the monitor never sees, the curve to check its
+The monitor's judge is the gold on 245 held-out prompts; `eval/gold` is the gold
+on the other 250 held-out prompts, which the monitor never sees, the curve to check its
 choice against. Measured (BENCHMARKS.md, "RLHF: reward over-optimisation").
 
 The gold can instead be a rule on a verifiable task (`rlhf.gold_score`: a right
@@ -29,10 +29,12 @@ def get_config():
     config = base_rlhf_config(model_name="tiny", sharding_name="fsdp")
     config.init_from = "runs/sft/release"
     config.data.seq_len = 256  # HH prompts longer than 256 - 64 tokens are left out
-    # The 169 held-out HH prompts that fit: 100 for the monitor's judge, the other 69 for the gold curve.
+    # 30% of the HH prompts held out (the judge's and the gold's standard errors at 10% hid the fall): the 495 that
+    # fit, 245 for the monitor's judge and the other 250 for the gold curve.
+    config.data.held_out_fraction = 0.3
     config.rlhf.update(reward_model="runs/overopt/proxy/release", judge="gold", gold="runs/reward/release",
-                       patience=3, gold_problems=69)
-    config.rl.update(kl_beta=0.0, max_new_tokens=64, eval_problems=100, eval_temperature=1.0)
+                       patience=3, gold_problems=250)
+    config.rl.update(kl_beta=0.0, max_new_tokens=64, eval_problems=245, eval_temperature=1.0)
     config.optimizer.update(learning_rate=2e-5, warmup_steps=5, weight_decay=0.0, b2=0.99, min_learning_rate_ratio=1.0)
     config.train.update(steps=250, log_every=1, eval_every=10, checkpoint_every=50)
     return config

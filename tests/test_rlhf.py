@@ -138,9 +138,16 @@ def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold
     params = reward_model.init_params(cfg, jax.random.key(2))
     params["head"] = {"kernel": np.linspace(-1, 1, cfg.n_embd).astype(np.float32), "bias": np.float32(0.5)}
     reward_model.save(str(tmp_path / "judge"), cfg, jax.device_get(params), tok)
-    task = rlhf.pair_prompts(ml_collections.ConfigDict({"pairs_kind": "jsonl", "path": hh}))
+    data = ml_collections.ConfigDict({"pairs_kind": "jsonl", "path": hh, "held_out_fraction": 0.1})
+    task = rlhf.pair_prompts(data)
     train, test = task.train_problems(0, 1000), task.test_problems(1000, 0)
     assert train and test and not {p.key for p in train} & {p.key for p in test}
+    data.held_out_fraction = 0.3  # holds out more prompts, those of the smaller fraction among them
+    more = {p.key for p in rlhf.pair_prompts(data).test_problems(1000, 0)}
+    assert more > {p.key for p in test}
+    data.held_out_fraction = 1.0
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        rlhf.pair_prompts(data)
 
     from llm.generate import Sample
 

@@ -73,6 +73,7 @@ def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data
     config.data.task = "pairs"  # prompts of preference pairs (data.path); or a verifiable task (spelling, ...)
     config.data.path = f"{data_dir}/preference/hh_rlhf_harmless_base_test.jsonl.gz"
     config.data.pairs_kind = "jsonl"  # for task "pairs": how to read data.path (preferences.open_pairs)
+    config.data.held_out_fraction = 0.1  # task "pairs": prompts held out, by a hash (a larger share: a superset)
     config.rl.update(kl_beta=0.05, tools=False, eval_samples=1, eval_greedy=False)
     config.rlhf = ml_collections.ConfigDict(dict(
         reward_model="runs/reward/release",  # the proxy: a `launch.reward` release
@@ -147,8 +148,10 @@ def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, tas
 def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] = lambda p: True) -> grpo.Task:
     """Prompts of preference pairs as a task without a reward: train and held-out prompts split by prompt; a prompt
     that does not `fit` (no room left for a reply) is left out and counted."""
+    if not 0 < dc.held_out_fraction < 1:
+        raise ValueError(f"data.held_out_fraction is a share of the prompts in (0, 1), got {dc.held_out_fraction}")
     found = prefs.open_pairs(dc.pairs_kind, dc.path)
-    train, test = prefs.split_pairs(found.items, 0.1)
+    train, test = prefs.split_pairs(found.items, dc.held_out_fraction)
     unique = lambda pairs: list({p.split_key: Problem(messages=p.prompt, answer="", key=p.split_key)  # noqa: E731
                                  for p in pairs}.values())
     train, test = unique(train), unique(test)
