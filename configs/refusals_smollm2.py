@@ -12,10 +12,10 @@ TriviaQA (69 known, 65 unsure, 666 unknown of 800 at temperature 0.3), so known
 ones are seen 6 times, unsure ones 3 times and a random 35% of unknown ones per
 mixture epoch: ~72% answers, because greedy decoding answers only where the
 answer is the likelier first token, and a balanced mixture refused nearly
-everything. A small learning rate and few steps (16 steps of 16 x 256 tokens,
-~1 mixture epoch, ~10 minutes on 2 CPU cores): the aim is to move the
+everything. A small learning rate and few steps (24 steps of 16 x 256 tokens,
+~1.5 mixture epochs, ~15 minutes on 2 CPU cores): the aim is to move the
 answer/refuse boundary, not to teach new facts. Measured (BENCHMARKS.md): accuracy
-12.0% -> 10.3%, hallucinations 88.0% -> 58.7%; the goal (hallucinations halved,
+12.0% -> 10.7%, hallucinations 88.0% -> 54.7%; the goal (hallucinations halved,
 accuracy within 1 point) is not met, and `scripts/refusal_probe.py` shows that
 even the best linear readout of the model's own state only just reaches it.
 No chat figures (no identity or GSM8K prompts): the refusal figures are
@@ -37,6 +37,6 @@ def get_config():
         unknown=dict(kind="openai", path="runs/refusals/conversations.unknown.jsonl", epochs=0.35),
     ))
     config.optimizer.update(learning_rate=2e-5, warmup_steps=2, weight_decay=0.0, min_learning_rate_ratio=0.1)
-    config.train.update(steps=16, log_every=2, eval_every=16, checkpoint_every=16, sample_every=0,
+    config.train.update(steps=24, log_every=2, eval_every=24, checkpoint_every=24, sample_every=0,
                         chat_eval=False, sample_prompts=())
     return config
