@@ -92,8 +92,8 @@ def main() -> None:
         for line in open(refusals.side_path(os.path.join(args.runs, "conversations.jsonl"), verdict)):
             answer[json.loads(line)["key"]] = verdict != "unknown"
     right = {r["key"]: r["right"] for r in json.load(open(os.path.join(args.runs, "before.json")))["records"]}
-    train = [p for p in qa.problems(args.questions, limit=len(right) + len(answer)) if p.key in answer]
-    held = [p for p in qa.problems(args.questions, limit=len(right)) if p.key in right]
+    problems = qa.problems(args.questions, limit=len(right) + len(answer))  # held out first, then interrogated
+    train, held = [p for p in problems if p.key in answer], [p for p in problems if p.key in right]
     states = prompt_states(args.checkpoint, train + held)
     y_train = np.array([answer[p.key] for p in train])
     y_held = np.array([right[p.key] for p in held])
