@@ -18,11 +18,13 @@ import random
 import re
 import zlib
 
-from llm.tasks import Problem
+from llm.tasks import Problem, Task, check_split
+from llm.tasks.gsm8k import STOP_STRINGS
 
 SPLITS = ("train", "test")
 OPERATIONS = ("+", "-", "*")
 _FINAL = re.compile(r"####\s*(-?[\d,]+)")
+STANDARD_COUNT = 200  # problems in a split's standard set (a count of 0)
 
 
 def _operand(rng: random.Random, digits: tuple[int, int]) -> int:
@@ -67,3 +69,15 @@ def grade(problem: Problem, completion: str) -> bool:
 
 def reward(problem: Problem, completion: str) -> float:
     return float(grade(problem, completion))
+
+
+def load(digits: tuple[int, int] = (2, 4), limit: int | None = None, test_fraction: float = 0.1) -> Task:
+    """Arithmetic with operands of `digits` digits; a count of 0 gives `limit` problems (200 without one)."""
+    digits = tuple(digits)
+
+    def draw(split: str, count: int | None = 0, seed: int = 0) -> list[Problem]:
+        check_split("arithmetic", split, SPLITS)
+        n = count if count and count > 0 else (limit or STANDARD_COUNT)
+        return problems(n, split=split, seed=seed, digits=digits, test_fraction=test_fraction)
+
+    return Task("arithmetic", "generative", draw, grade, STOP_STRINGS)

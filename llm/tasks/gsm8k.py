@@ -24,10 +24,12 @@ import decimal
 import re
 from collections.abc import Sequence
 
-from llm.tasks import Problem
+from llm.tasks import Problem, Task, check_split, draw, find, once
 from llm.tasks.choice_sets import read_records
 
 STOP_STRINGS = ("\n\nQuestion:", "Question:", "\n\n")  # where a base model's answer ends
+HUB_ID = "openai/gsm8k"
+SPLITS = ("train", "test")
 
 _NUMBER = r"(-?\s*\$?\s*-?\d[\d,]*(?:\.\d+)?|-?\s*\$?\s*-?\.\d+)"
 _FINAL = [
@@ -100,3 +102,40 @@ def problems(source: str, *, fewshot: Sequence[dict] = (), limit: int | None = N
             key=str(i),
         ))
     return out
+
+
+def load(path: str = "", eval_path: str = "", data_dir: str = "", shots: int = 0, chat: bool = False,
+         limit: int | None = None) -> Task:
+    """GSM8K: train problems from `path`, test ones from `eval_path` (else `path`), each else `data_dir`'s
+    gsm8k/{train,test}.jsonl or the hub's openai/gsm8k; each file is read on first use, once.
+
+    A base model's text starts with the first `shots` solved train records (none
+    with `chat`); `limit` keeps the first records of each split. A count draws
+    that many problems with the seed (`llm.tasks.draw`); 0 gives the split in order.
+    """
+    if not (path or eval_path or data_dir):
+        raise ValueError("task 'gsm8k' needs path (train JSONL), eval_path (test JSONL) or data_dir")
+    sources = {"train": path or (find(data_dir, "gsm8k/train.jsonl", HUB_ID) if data_dir else ""),
+               "test": eval_path or path or find(data_dir, "gsm8k/test.jsonl", HUB_ID)}
+
+    def source(split: str) -> str:
+        check_split("gsm8k", split, SPLITS)
+        if not sources[split]:
+            raise ValueError(f"task 'gsm8k' was given no {split} file (path, or data_dir)")
+        return sources[split]
+
+    fewshot = once(lambda: read_records(source("train"), split="train", subset="main")[:shots]
+                   if shots and not chat else [])
+    read = {split: once(lambda split=split: problems(source(split), fewshot=fewshot(), limit=limit, split=split))
+            for split in SPLITS}
+
+    def sample(split: str, count: int | None = 0, seed: int = 0) -> list[Problem]:
+        check_split("gsm8k", split, SPLITS)
+        return draw(read[split](), count, seed)
+
+    def sft(split: str = "train") -> list[tuple[str, list]]:
+        from llm.data import conversations as conv
+
+        return [(c.key, c.messages) for c in conv.gsm8k(source(split))]
+
+    return Task("gsm8k", "generative", sample, grade, STOP_STRINGS, sft)

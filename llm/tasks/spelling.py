@@ -26,14 +26,20 @@ spelling-out: a count that was never concluded is not an answer. Reward:
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Sequence
 
+from llm.data import conversations as conv
 from llm.data.conversations import SPELLING_COUNTS, draw_letter, read_words, spelling_messages, split_words
-from llm.tasks import Problem
+from llm.tasks import Problem, Task, check_split
+from llm.tasks.gsm8k import STOP_STRINGS
 
-__all__ = ["problems", "grade", "reward", "extract_answer", "split_words", "read_words", "SPELLING_COUNTS"]
+__all__ = ["problems", "grade", "reward", "extract_answer", "split_words", "read_words", "SPELLING_COUNTS", "load"]
+
+SPLITS = ("train", "test")
+STANDARD_COUNT = 200  # problems in a split's standard set (a count of 0): the evals' held-out letter counting
 
 _FINAL = re.compile(r"####\s*(-?\d+)")
 
@@ -66,3 +72,31 @@ def grade(problem: Problem, completion: str) -> bool:
 
 def reward(problem: Problem, completion: str) -> float:
     return float(grade(problem, completion))
+
+
+def words_file(data_dir: str) -> str:
+    """The word list under `data_dir/words/` (words_alpha.zip, or its .txt)."""
+    candidates = [os.path.join(data_dir, "words", f) for f in ("words_alpha.zip", "words_alpha.txt")]
+    return next((p for p in candidates if os.path.exists(p)), candidates[0])
+
+
+def load(path: str = "", data_dir: str = "", limit: int | None = None, test_fraction: float = 0.1) -> Task:
+    """Letter counting over the word list `path` (or the one under `data_dir`), read now.
+
+    A count of 0 gives `limit` problems (200 without one), drawn with the seed.
+    """
+    if not path and not data_dir:
+        raise ValueError("task 'spelling' needs a word list: path, or data_dir holding words/words_alpha.zip")
+    words = read_words(path or words_file(data_dir))
+
+    def draw(split: str, count: int | None = 0, seed: int = 0) -> list[Problem]:
+        check_split("spelling", split, SPLITS)
+        n = count if count and count > 0 else (limit or STANDARD_COUNT)
+        return problems(words, n, split=split, seed=seed, test_fraction=test_fraction)
+
+    def sft(n: int, *, seed: int = 0, split: str = "train", counts=SPELLING_COUNTS, direct_fraction: float = 0.0
+            ) -> list[tuple[str, list]]:
+        found = conv.spelling(words, n, seed=seed, split=split, counts=counts, direct_fraction=direct_fraction)
+        return [(c.key, c.messages) for c in found]
+
+    return Task("spelling", "generative", draw, grade, STOP_STRINGS, sft)
