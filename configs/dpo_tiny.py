@@ -7,7 +7,8 @@ Starts from the SFT release (`python -m launch.sft --config configs/sft_tiny.py
 every pair are computed once before the first step. Pairs: Anthropic HH-RLHF
 harmless-base (test split) and OpenAssistant oasst1's ranked siblings from
 ../shared/data, 10% of the prompts held out. Logs the held-out implicit reward
-margin and the chosen and rejected replies' log-probabilities (BENCHMARKS.md, "DPO").
+margin and the chosen and rejected replies' log-probabilities; the figures are in
+docs/experiments/dpo.md.
 """
 
 from llm.stages.dpo import base_dpo_config

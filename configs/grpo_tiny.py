@@ -1,24 +1,20 @@
-"""GRPO of the tiny chat model on letter counting, on CPU in about 18 minutes: it learns to think first.
+"""GRPO of the tiny chat model on letter counting, on CPU: the policy may spell the word out before it counts.
 
     python -m launch.grpo --config configs/grpo_tiny.py --workdir runs/grpo [--config.train.steps=100 ...]
 
 Starts from the SFT model of `configs/sft_spell_tiny.py` (`python -m launch.sft
---config configs/sft_spell_tiny.py --workdir runs/sft_spell_tiny`, 18 minutes),
-which spells the word out before answering in about half its samples and answers
-at once otherwise: held-out pass@1 0.645, pass@4 0.950, greedy 0.700. 16
-prompts x 8 samples per rollout, two optimizer steps per rollout (mu 2), a
-constant 5e-5 after 5 warmup steps (a cosine decay left the second half of a run
-still) and a k3 KL penalty of 0.04 to the start; at 1e-4, or without the
-penalty, the policy drifted and held-out pass@1 ended lower. Replies are at
-most ~50 tokens ("c(1),o,l,...") so the cap is 64 and rows are 112 wide
-(prompts are <= ~40 tokens; a longer row is an error, not a silent cut).
-Held-out pass@1 and pass@4 (4 samples at temperature 1), greedy pass@1 and the
+--config configs/sft_spell_tiny.py --workdir runs/sft_spell_tiny`), which spells
+the word out before answering in about half its samples and answers at once
+otherwise. 16 prompts x 8 samples per rollout, two optimizer steps per rollout
+(mu 2), a constant 5e-5 after 5 warmup steps (a cosine decay left the second
+half of a run still) and a k3 KL penalty of 0.04 to the start (at a higher rate,
+or without the penalty, the policy drifts). Replies are at most ~50 tokens
+("c(1),o,l,...") so the cap is 64 and rows are 112 wide (prompts are <= ~40
+tokens; a longer row is an error, not a silent cut). Every 50 steps: held-out
+pass@1 and pass@4 (4 samples at temperature 1), greedy pass@1 and the
 completion lengths on 200 problems of held-out words, answers 0-3 a quarter
-each, every 50 steps. Measured (BENCHMARKS.md, "GRPO"): within 50 steps the
-policy spells in 99% of samples (replies 28 -> 40 tokens) and held-out pass@1
-rises 0.645 -> 0.843 in 300 steps (1,051 s on a 2-core CPU), greedy 0.700 ->
-0.895; it does not spell better (86% right when it spells, before and after),
-so the gain is the choice to think.
+each. The mechanism, the figures and the runs that fell short are in
+docs/experiments/grpo_letter_counting.md.
 `--config.data.task=arithmetic` switches the task; `--config.rl.shuffle_rewards=True` is the control.
 """
 

@@ -4,10 +4,10 @@
 
 Reads the pairs `launch.label_pairs` wrote (configs/overoptimization_tiny.py
 explains the experiment). The backbone is frozen: a proxy of less capacity than
-the gold, as Gao et al. (2022) find smaller proxies over-optimised sooner;
-trained whole on the same pairs, the proxy tracked the gold for 200 steps
-(BENCHMARKS.md). A tenth of the prompts (beyond the RL run's held-out ones) is held out, where the log shows how
-well the proxy imitates the gold preference.
+the gold, as Gao et al. (2022) find smaller proxies over-optimised sooner
+(docs/experiments/overoptimization.md has the whole-model proxy it replaced). A
+tenth of the prompts (beyond the RL run's held-out ones) is held out, where the
+log shows how well the proxy imitates the gold preference.
 """
 
 from llm.stages.reward import base_reward_config

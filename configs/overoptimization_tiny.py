@@ -15,7 +15,8 @@ without a KL penalty, at a constant rate (with the default cosine decay the
 policy all but stops in the second half and both curves flatten together).
 The monitor's judge is the gold on 245 held-out prompts; `eval/gold` is the gold
 on the other 250 held-out prompts, which the monitor never sees, the curve to check its
-choice against. Measured (BENCHMARKS.md, "RLHF: reward over-optimisation").
+choice against. The figures, and what they do not show yet, are in
+docs/experiments/overoptimization.md.
 
 The gold can instead be a rule on a verifiable task (`rlhf.gold_score`: a right
 letter count, the shorter the better): `--config.data.task=spelling
@@ -29,8 +30,8 @@ def get_config():
     config = base_rlhf_config(model_name="tiny", sharding_name="fsdp")
     config.init_from = "runs/sft/release"
     config.data.seq_len = 256  # HH prompts longer than 256 - 64 tokens are left out
-    # 30% of the HH prompts held out (the judge's and the gold's standard errors at 10% hid the fall): the 495 that
-    # fit, 245 for the monitor's judge and the other 250 for the gold curve.
+    # 30% of the HH prompts held out, so that the judge's and the gold's standard errors are small enough to show a
+    # fall: the 495 that fit, 245 for the monitor's judge and the other 250 for the gold curve.
     config.data.held_out_fraction = 0.3
     config.rlhf.update(reward_model="runs/overopt/proxy/release", judge="gold", gold="runs/reward/release",
                        patience=3, gold_problems=250)

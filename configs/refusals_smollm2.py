@@ -8,18 +8,16 @@ The whole experiment (interrogate, fine-tune, evaluate before and after) is
 writes beside its output (`llm/tasks/refusals.py`): questions the model knows and
 ones it is unsure of (right in some samples), both answered in the model's own
 words, and questions it never answers right, refused. A 135M model knows little
-TriviaQA (69 known, 65 unsure, 666 unknown of 800 at temperature 0.3), so known
-ones are seen 6 times, unsure ones 3 times and a random 35% of unknown ones per
-mixture epoch: ~72% answers, because greedy decoding answers only where the
-answer is the likelier first token, and a balanced mixture refused nearly
-everything. A small learning rate and few steps (24 steps of 16 x 256 tokens,
-~1.5 mixture epochs, ~15 minutes on 2 CPU cores): the aim is to move the
-answer/refuse boundary, not to teach new facts. Measured (BENCHMARKS.md): accuracy
-12.0% -> 10.7%, hallucinations 88.0% -> 54.7%; the goal (hallucinations halved,
-accuracy within 1 point) is not met, and `scripts/refusal_probe.py` shows that
-even the best linear readout of the model's own state only just reaches it.
-No chat figures (no identity or GSM8K prompts): the refusal figures are
-measured afterwards by `launch.interrogate --evaluate`.
+TriviaQA (most interrogated questions come out unknown), so known ones are seen
+6 times, unsure ones 3 times and a random 35% of unknown ones per mixture epoch:
+mostly answers, because greedy decoding answers only where the answer is the
+likelier first token, and a balanced mixture refuses nearly everything. A small
+learning rate and few steps (24 steps of 16 x 256 tokens, ~1.5 mixture epochs):
+the aim is to move the answer/refuse boundary, not to teach new facts. The
+figures, the goal (hallucinations halved, accuracy within 1 point) and the probe
+of `scripts/refusal_probe.py` that bounds what fine-tuning can reach are in
+docs/experiments/refusals.md. No chat figures (no identity or GSM8K prompts):
+the refusal figures are measured afterwards by `launch.interrogate --evaluate`.
 """
 
 import ml_collections

@@ -5,8 +5,9 @@
 Starts from the SFT release (`python -m launch.sft --config configs/sft_tiny.py
 --workdir runs/sft` first). Pairs: Anthropic HH-RLHF harmless-base (test split)
 and OpenAssistant oasst1's ranked sibling replies, from ../shared/data; 10% of
-the HH prompts and 30% of the oasst1 trees held out. Logs held-out pairwise accuracy per source next to the
-baseline "the longer reply wins" (BENCHMARKS.md, "Reward models").
+the HH prompts and 30% of the oasst1 trees held out. Logs held-out pairwise
+accuracy per source next to the baseline "the longer reply wins"; the figures
+are in docs/experiments/reward_models.md.
 """
 
 from llm.stages.reward import base_reward_config

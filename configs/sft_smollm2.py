@@ -6,8 +6,8 @@
 with its tokenizer and chat template; conversations render in that format, with its
 default system message. Its vocabulary has no tool tokens, so the GSM8K calculator
 conversations could not be rendered (they would be dropped and counted); the
-mixture is human conversations, identity and letter counting. 135M parameters: a
-step takes seconds on CPU; a CPU run of a few dozen steps is a demonstration.
+mixture is human conversations, identity and letter counting. 135M parameters: on
+CPU a run of a few dozen steps is a demonstration.
 """
 
 from llm.stages.sft import base_sft_config
