@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from launch import sampling_flags
+from llm.bpe import read_texts
 from llm.generate import Engine
-from llm.tokenizer import read_texts
 from llm.tools import Calculator, Search
 
 

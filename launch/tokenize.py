@@ -20,7 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from llm.tokenizer import Tokenizer, compression, read_texts, train_bpe
+from llm.bpe import compression, read_texts, train_bpe
+from llm.tokenizer import Tokenizer
 from llm.tokenizer_viz import to_ansi, to_html
 
 

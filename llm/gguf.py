@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm import hf, hf_tokenizer, model
+from llm.chat_format import ChatTemplate
 from llm.config import ModelConfig
-from llm.tokenizer import ChatTemplate, Tokenizer
+from llm.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "gpt2")
 # Tensor types read (dequantized to float32) and written.

@@ -25,7 +25,14 @@ from typing import Any
 
 import tiktoken
 
-from llm.tokenizer import GPT2_SPLIT_PATTERN, O200K_SPLIT_PATTERN, ChatTemplate, Tokenizer
+from llm.chat_format import ChatTemplate
+from llm.encodings import (
+    ENDOFTEXT,
+    GPT2_SPLIT_PATTERN,
+    GPT4_SPLIT_PATTERN,
+    O200K_SPLIT_PATTERN,
+)
+from llm.tokenizer import Tokenizer
 
 # Llama 3's own tiktoken pattern (cl100k_base's, spelled without possessive quantifiers).
 LLAMA3_SPLIT_PATTERN = (
@@ -225,8 +232,6 @@ def pre_tokenizer_name(pre: Mapping[str, Any] | None, source: str) -> str:
 
 def pre_tokenizer_of_pattern(pattern: str) -> str | None:
     """The GGUF pre-tokenizer name for a tiktoken pattern (ours and OpenAI's included), None if it has none."""
-    from llm.tokenizer import GPT4_SPLIT_PATTERN
-
     if pattern == GPT4_SPLIT_PATTERN:  # cl100k_base's, which Llama 3 adopted
         return "llama-bpe"
     return next((name for name, p in PRE_TOKENIZERS.items() if p == pattern), None)
@@ -234,8 +239,6 @@ def pre_tokenizer_of_pattern(pattern: str) -> str | None:
 
 def document_tokens(special: Mapping[str, int], bos: str | None, eos: str | None) -> tuple[str | None, str]:
     """(bos, eot): `<|endoftext|>` where the vocabulary has it (how this project delimits documents), else the model's own."""
-    from llm.tokenizer import ENDOFTEXT
-
     if bos is None and ENDOFTEXT in special:
         bos = ENDOFTEXT
     eot = next((t for t in (ENDOFTEXT, "<|end_of_text|>") if t in special), eos)

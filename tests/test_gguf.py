@@ -23,9 +23,11 @@ from launch import chat as chat_cli
 from launch import export as export_cli
 from launch import sampling_flags
 from llm import gguf, hf, hf_tokenizer, model
+from llm.bpe import read_texts, train_bpe
+from llm.chat_format import OUR_CHAT, ChatTemplate
 from llm.generate import Engine, SamplingParams
 from llm.release import load_release, save_release
-from llm.tokenizer import OUR_CHAT, ChatTemplate, Tokenizer, read_texts, train_bpe
+from llm.tokenizer import Tokenizer
 from hf_models import gpt2, llama
 
 gguf_lib = pytest.importorskip("gguf")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from launch import chat, sample, sampling_flags
+from llm.chat_format import IM_END, tool_tokens
 from llm.release import load_release, save_release
-from llm.tokenizer import IM_END, tool_tokens
 from llm.tools import Search
 from scripted import TOKENIZER, script, scripted_gpt2
 

@@ -12,18 +12,11 @@ import pytest
 import tiktoken
 
 from launch import tokenize as tokenize_cli
-from llm import tokenizer as tokenizer_lib
-from llm.tokenizer import (
-    IM_END,
-    IM_SEP,
-    IM_START,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    compression,
-    read_texts,
-    tool_tokens,
-    train_bpe,
-)
+from llm import encodings
+from llm.bpe import compression, read_texts, train_bpe
+from llm.chat_format import IM_END, IM_SEP, IM_START, tool_tokens
+from llm.encodings import SPECIAL_TOKENS
+from llm.tokenizer import Tokenizer
 from llm.tokenizer_viz import to_ansi, to_html, token_pieces
 
 FIXTURE = Path(__file__).parent / "fixtures" / "wikipedia_en_sample.jsonl"
@@ -108,7 +101,7 @@ def test_control_token_ids(named):
 
 
 def test_local_rank_file_loads_and_is_hash_checked(named, tmp_path):
-    vendored = tokenizer_lib.ASSETS_DIR / "o200k_base.tiktoken"
+    vendored = encodings.ASSETS_DIR / "o200k_base.tiktoken"
     local = tmp_path / "o200k_base.tiktoken"
     shutil.copy(vendored, local)
     assert Tokenizer.load(local).render_for_completion(SEED_CONVERSATION) == SEED_IDS
@@ -123,13 +116,13 @@ def test_named_encoding_through_tiktoken_cache(tmp_path, monkeypatch):
     url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
     cache = tmp_path / "cache"
     cache.mkdir()
-    shutil.copy(tokenizer_lib.ASSETS_DIR / "cl100k_base.tiktoken", cache / hashlib.sha1(url.encode()).hexdigest())
+    shutil.copy(encodings.ASSETS_DIR / "cl100k_base.tiktoken", cache / hashlib.sha1(url.encode()).hexdigest())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    monkeypatch.setattr(tokenizer_lib, "ASSETS_DIR", tmp_path / "absent")
+    monkeypatch.setattr(encodings, "ASSETS_DIR", tmp_path / "absent")
     cl100k = Tokenizer.load("cl100k_base")
     assert cl100k.encode("Ubiquitous") == [50668, 5118, 50855]
     # tiktoken's own definition agrees with the pattern and ids we vendor.
-    assert cl100k.encoding._pat_str == tokenizer_lib.GPT4_SPLIT_PATTERN
+    assert cl100k.encoding._pat_str == encodings.GPT4_SPLIT_PATTERN
     assert cl100k.token_id(IM_START) == 100277
 
 
@@ -138,7 +131,7 @@ def test_bad_specs_raise_clear_errors(tmp_path):
         Tokenizer.load("o200k")
     with pytest.raises(FileNotFoundError, match="no tiktoken rank file"):
         Tokenizer.load(tmp_path / "missing" / "o200k_base.tiktoken")
-    shutil.copy(tokenizer_lib.ASSETS_DIR / "r50k_base.tiktoken", tmp_path / "mystery.tiktoken")
+    shutil.copy(encodings.ASSETS_DIR / "r50k_base.tiktoken", tmp_path / "mystery.tiktoken")
     with pytest.raises(ValueError, match="no sidecar"):
         Tokenizer.load(tmp_path / "mystery.tiktoken")
 
@@ -276,7 +269,7 @@ def test_trained_bpe_has_the_asked_vocab_with_control_tokens_last(ours):
     assert [ours.token_id(t) for t in SPECIAL_TOKENS] == list(range(1024 - len(SPECIAL_TOKENS), 1024))
     assert ours.eot == 1024 - len(SPECIAL_TOKENS)
     assert all(ours.encode(chr(b)) == [b] for b in range(128))  # the 256 byte tokens come first, in byte order
-    assert ours.encoding._pat_str == tokenizer_lib.GPT4_SPLIT_PATTERN
+    assert ours.encoding._pat_str == encodings.GPT4_SPLIT_PATTERN
 
 
 def test_bigger_vocab_compresses_held_out_text_better(fixture_texts, ours):
