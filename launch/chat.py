@@ -36,8 +36,7 @@ def main(argv=None) -> None:
         print(f"note: {tokenizer.name} has no tool tokens; chatting without tools", file=sys.stderr)
         tools = {}
     engine = Engine(cfg, params, tokenizer, tools=tools)
-    end_of_turn = tokenizer.end_of_turn
-    sampling = sampling_flags.sampling_params(args, stop_token_ids=tuple(dict.fromkeys((end_of_turn, tokenizer.eot))))
+    sampling = sampling_flags.sampling_params(args, stop_token_ids=tokenizer.chat_stop_ids)
 
     history: list[int] = []
     pending = [{"role": "system", "content": args.system}] if args.system else []
@@ -58,7 +57,8 @@ def main(argv=None) -> None:
         [[sample]] = engine.generate([prompt], sampling, on_token=stream)
         stream.finish(sample.text)
         # The turn ends with the format's closing tokens however it stopped, so the next turn is well formed.
-        reply = sample.tokens[:-1] if sample.tokens[-1:] in ([tokenizer.eot], [end_of_turn]) else sample.tokens
+        stopped = bool(sample.tokens) and sample.tokens[-1] in tokenizer.chat_stop_ids
+        reply = sample.tokens[:-1] if stopped else sample.tokens
         history = prompt + reply + tokenizer.turn_end_ids
         print()
 

@@ -184,6 +184,11 @@ class Tokenizer:
         return chat_format.end_of_turn(self)
 
     @property
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """The ids a chat sampler stops at: the end-of-turn token, then the end-of-text token (once if the same)."""
+        return tuple(dict.fromkeys((self.end_of_turn, self.eot)))
+
+    @property
     def turn_end_ids(self) -> list[int]:
         """The ids that close a turn: the end-of-turn token and whatever the format puts after it."""
         return chat_format.turn_end_ids(self)

@@ -525,7 +525,7 @@ def test_smollm2_chat_answers_paris_and_stops_at_its_end_of_turn(smollm, monkeyp
     assert tok.chat_template.name == "chatml" and tok.chat_template.default_system.startswith("You are a helpful")
     prompt = tok.render_for_completion([{"role": "user", "content": "What is the capital of France?"}])
     [[sample]] = Engine(cfg, params, tok).generate(
-        [prompt], SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=(tok.end_of_turn, tok.eot)))
+        [prompt], SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=tok.chat_stop_ids))
     assert "Paris" in sample.text and sample.finish_reason == "stop" and sample.tokens[-1] == tok.end_of_turn
     monkeypatch.setattr(sampling_flags, "load", lambda args: smollm)
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n\n"))

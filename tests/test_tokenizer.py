@@ -14,7 +14,7 @@ import tiktoken
 from launch import tokenize as tokenize_cli
 from llm import encodings
 from llm.bpe import compression, read_texts, train_bpe
-from llm.chat_format import IM_END, IM_SEP, IM_START, tool_tokens
+from llm.chat_format import IM_END, IM_SEP, IM_START, ChatTemplate, tool_tokens
 from llm.encodings import SPECIAL_TOKENS
 from llm.tokenizer import Tokenizer
 from llm.tokenizer_viz import to_ansi, to_html, token_pieces
@@ -229,6 +229,16 @@ def test_tool_call_output_stays_in_the_assistant_turn_and_is_not_trained(named):
     assert out_start not in trained and out_end not in trained
     # Prompting right after a tool output continues the open assistant turn.
     assert o200k.render_for_completion(messages[:3]) == ids[: ids.index(out_end) + 1]
+
+
+def test_chat_stop_ids_are_the_end_of_turn_then_the_end_of_text(named):
+    o200k = named["o200k_base"]
+    assert o200k.chat_stop_ids == (o200k.token_id(IM_END), o200k.eot) == (200265, 199999)
+    chatml = tiktoken.Encoding("chatml", pat_str=o200k.encoding._pat_str,
+                               mergeable_ranks={bytes([b]): b for b in range(256)},
+                               special_tokens={IM_START: 256, IM_END: 257})
+    one = Tokenizer(chatml, ChatTemplate("chatml", IM_START + "{role}\n", IM_END + "\n"), bos=None, eot=IM_END)
+    assert one.chat_stop_ids == (257,)  # a turn's end that is also the end of text is listed once
 
 
 @pytest.mark.parametrize(
