@@ -23,6 +23,7 @@ from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
 from llm.data.pipeline import best_fit_rows
 from llm.release import load_release
+from llm import tasks
 from llm.stages import sft
 from llm.tasks import gsm8k as gsm8k_task
 from llm.tokenizer import Tokenizer, train_bpe
@@ -37,6 +38,7 @@ GSM8K = os.path.join(FIXTURES, "gsm8k_test_slice.jsonl")
 WORDS = os.path.join(FIXTURES, "words_alpha_slice.txt")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 VOCAB = 512
+IDENTITY = conv.collect(tasks.load("identity").conversations()).items  # who the assistant is, as the mixture has it
 CFG = ModelConfig(family="llama", vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_dim=128,
                   max_seq_len=128, tie_embeddings=True)
 
@@ -46,7 +48,7 @@ def _texts():
         yield from (m["content"] for m in c.messages)
     for line in open(GSM8K):
         yield from json.loads(line).values()
-    for c in conv.identity()[0]:
+    for c in IDENTITY:
         yield from (m["content"] for m in c.messages)
 
 
@@ -170,8 +172,8 @@ def _segments(batches):
 
 
 def test_packing_never_splits_a_conversation_and_uses_each_once_per_epoch_drops_counted(tok):
-    mixture = {"oasst": conv.read_oasst(OASST, all_paths=True).items, "gsm8k": conv.gsm8k(GSM8K).items,
-               "identity": conv.identity()[0].items}
+    mixture = {"oasst": conv.read_oasst(OASST, all_paths=True).items,
+               "gsm8k": conv.collect(gsm8k_task.conversations(GSM8K)).items, "identity": IDENTITY}
     seq_len = 96
     rendered = cp.render(mixture, tok, seq_len + 1)
     lengths = {name: [len(tok.render_conversation(c.messages)[0]) for c in items] for name, items in mixture.items()}
@@ -190,7 +192,7 @@ def test_packing_never_splits_a_conversation_and_uses_each_once_per_epoch_drops_
 
 
 def test_mixture_epochs_and_the_iterator_resumes_exactly(tok):
-    mixture = {"identity": conv.identity()[0].items, "gsm8k": conv.gsm8k(GSM8K).items}
+    mixture = {"identity": IDENTITY, "gsm8k": conv.collect(gsm8k_task.conversations(GSM8K)).items}
     rendered = cp.render(mixture, tok, 257)
     mix = {"identity": 0.5, "gsm8k": 2}
     indices = cp.epoch_indices(rendered, mix)
@@ -228,10 +230,12 @@ def test_a_source_weight_is_its_share_of_the_mixture_size():
     dc.sources = {"identity": dict(kind="identity", weight=0.5, held_out=20),
                   "spelling": dict(kind="spelling", path=WORDS, epochs=2.0, n=40)}
     dc.mixture_size = 100
-    train, _, epochs, questions, assistant, _ = sft.load_mixture(dc, 0.0)
+    train, _, epochs, mixture_tasks, _ = sft.load_mixture(dc, 0.0)
     # 120 paraphrases - 20 held out + 4 capability questions = 104 identity conversations; 0.5 * 100 of them.
     assert len(train["identity"]) == 104 and epochs == {"identity": 50 / 104, "spelling": 2.0}
-    assert len(questions) == 20 and assistant == "Tiny"
+    held_out = mixture_tasks["identity"].problems("test", 0, 0)
+    assert len(held_out) == 20 and {p.answer for p in held_out} == {"Tiny"}
+    assert [c.messages for c in train["spelling"]] == [m for _, m in mixture_tasks["spelling"].conversations(40)]
     dc.sources.spelling.weight = 0.5
     with pytest.raises(ValueError, match="either epochs or weight"):
         sft.load_mixture(dc, 0.0)
@@ -267,7 +271,7 @@ def test_oasst_best_path_follows_rank_zero_and_all_paths_cover_the_ranked_tree()
 
 def test_openai_and_sharegpt_round_trip_real_conversations(tmp_path):
     conversations = conv.read_oasst(OASST, all_paths=True).items + [
-        conv.Conversation([{"role": "system", "content": "Be brief."}, *conv.identity()[0].items[0].messages], "s")]
+        conv.Conversation([{"role": "system", "content": "Be brief."}, *IDENTITY[0].messages], "s")]
     with open(tmp_path / "openai.jsonl", "w") as f:
         for c in conversations:
             f.write(json.dumps({"messages": c.messages}) + "\n")
@@ -282,10 +286,10 @@ def test_openai_and_sharegpt_round_trip_real_conversations(tmp_path):
 
 def test_gsm8k_calls_the_calculator_at_every_annotation(tok):
     records = [json.loads(line) for line in open(GSM8K)]
-    found = conv.gsm8k(GSM8K)
-    assert len(found) == len(records)
+    found = conv.collect(gsm8k_task.conversations(GSM8K))
+    assert len(found) == len(records) and not found.skipped
     for record, c in zip(records, found):
-        annotations = conv._ANNOTATION.findall(record["answer"])
+        annotations = gsm8k_task.CALL.findall(record["answer"])
         calls = [m["content"][-1]["text"] for m in c.messages if m["role"] == "assistant"
                  and m["content"][-1]["type"] == "python"]
         outputs = [m["content"] for m in c.messages if m["role"] == "tool"]
@@ -296,42 +300,10 @@ def test_gsm8k_calls_the_calculator_at_every_annotation(tok):
         tok.render_conversation(c.messages)  # renders: calls, outputs and the answer in one turn
 
 
-def test_identity_holds_out_paraphrases_and_spelling_counts_right():
-    spec = conv.IdentitySpec(name="Orbit", creator="a test")
-    train, held_out = conv.identity(spec, held_out=20)
-    asked = {c.messages[0]["content"] for c in train}
-    assert len(held_out) == 20 and not asked & set(held_out)
-    assert all("Orbit" in c.messages[-1]["content"] for c in train)
-    words = conv.read_words(WORDS)
-    found = conv.spelling(words, 50, seed=1)
-    for c in found:
-        question, answer = c.messages[0]["content"], c.messages[1]["content"]
-        letter, word = question.split("'")[1], question.split('"')[1]
-        assert word in words and answer.endswith(f"#### {word.count(letter)}")
-        assert [x.split("(")[0] for x in answer.split(".")[0].split(",")] == list(word)  # spelled, marks aside
-
-
-def test_spelling_direct_fraction_answers_some_questions_without_spelling_and_keeps_the_questions():
-    words = conv.read_words(WORDS)
-    spelled, mixed = conv.spelling(words, 400, seed=3), conv.spelling(words, 400, seed=3, direct_fraction=0.5)
-    direct = 0
-    for a, b in zip(spelled, mixed):
-        assert a.messages[0] == b.messages[0]  # the coin does not move the word and letter draws
-        question, reply = b.messages[0]["content"], b.messages[1]["content"]
-        letter, word = question.split("'")[1], question.split('"')[1]
-        count = word.count(letter)
-        if reply != a.messages[1]["content"]:
-            direct += 1
-            assert reply == f"'{letter}' appears {count} time{'s' if count != 1 else ''}. #### {count}"
-    assert 160 <= direct <= 240  # half, at random (binomial 400 x 0.5: 4 sigma either side)
-    with pytest.raises(ValueError, match="direct_fraction"):
-        conv.spelling(words, 4, direct_fraction=1.5)
-
-
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} is absent (the shared data folder)")
 def test_the_shared_oasst1_slice_gives_one_conversation_per_tree():
     assert len(conv.read_oasst(os.path.join(SHARED, "chat", "oasst1_en_validation.jsonl"))) == 188
-    assert len(conv.gsm8k(os.path.join(SHARED, "gsm8k", "test.jsonl"))) == 1319
+    assert len(gsm8k_task.conversations(os.path.join(SHARED, "gsm8k", "test.jsonl"))) == 1319
 
 
 def test_hub_rows_of_each_shape_are_read(tmp_path, monkeypatch):

@@ -68,3 +68,66 @@ def test_load_names_the_choices_and_the_options():
         task.problems("validation", 1, 0)
     with pytest.raises(ValueError, match="needs a word list"):
         tasks.load("spelling")
+
+
+# ----------------------------------------------------------------------------- the SFT conversations agree with the grading
+
+
+def test_each_tasks_sft_replies_are_graded_right_on_its_own_problems():
+    spelling_task = tasks.load("spelling", path=WORDS)
+    for key, (question, reply) in spelling_task.conversations(40, seed=2):
+        letter, word = question["content"].split("'")[1], question["content"].split('"')[1]
+        # The problem that asks the same question: the SFT reply is its right answer.
+        problem = tasks.Problem((question,), str(word.count(letter)))
+        assert key.startswith("spelling:2:") and spelling_task.grade(problem, reply["content"])
+    arithmetic_task = tasks.load("arithmetic", digits=(1, 3))
+    for (key, messages), problem in zip(arithmetic_task.conversations(50, seed=4), arithmetic_task.problems("train", 50, 4)):
+        assert messages[:1] == list(problem.messages) and arithmetic_task.grade(problem, messages[1]["content"])
+    gsm8k_task = tasks.load("gsm8k", path=GSM8K_TRAIN)
+    conversations = gsm8k_task.conversations()
+    assert [k for k, _ in conversations] == [f"{GSM8K_TRAIN}:{n}" for n in range(1, len(conversations) + 1)]
+    for (_, messages), problem in zip(conversations, gsm8k_task.problems("train", 0, 0)):
+        assert messages[0] == problem.messages[0] and gsm8k_task.grade(problem, messages[-1]["content"][-1]["text"])
+    identity = tasks.load("identity", name="Orbit", creator="a test", held_out=20, seed=1)
+    held_out = identity.problems("test", 0, 0)
+    asked = {m[0]["content"] for _, m in identity.conversations()}
+    assert len(held_out) == 20 and not asked & {p.messages[0]["content"] for p in held_out}
+    assert all(identity.grade(problem, messages[-1]["content"]) for problem in held_out
+               for _, messages in identity.conversations())
+    assert not identity.grade(held_out[0], "I'm Tiny.") and identity.stop_strings == ("\n",)
+    assert identity.problems("train", 0, 0)[0].messages[0]["content"] == identity.conversations()[0][1][0]["content"]
+
+
+def test_spelling_conversations_spell_the_word_and_count_right():
+    words = spelling.read_words(WORDS)
+    for _, (question, answer) in tasks.load("spelling", path=WORDS).conversations(50, seed=1):
+        letter, word = question["content"].split("'")[1], question["content"].split('"')[1]
+        assert word in words and answer["content"].endswith(f"#### {word.count(letter)}")
+        assert [x.split("(")[0] for x in answer["content"].split(".")[0].split(",")] == list(word)  # marks aside
+
+
+def test_spelling_direct_fraction_answers_some_questions_without_spelling_and_keeps_the_questions():
+    task = tasks.load("spelling", path=WORDS)
+    spelled, mixed = task.conversations(400, seed=3), task.conversations(400, seed=3, direct_fraction=0.5)
+    direct = 0
+    for (_, a), (_, b) in zip(spelled, mixed):
+        assert a[0] == b[0]  # the coin does not move the word and letter draws
+        question, reply = b[0]["content"], b[1]["content"]
+        letter, word = question.split("'")[1], question.split('"')[1]
+        count = word.count(letter)
+        if reply != a[1]["content"]:
+            direct += 1
+            assert reply == f"'{letter}' appears {count} time{'s' if count != 1 else ''}. #### {count}"
+    assert 160 <= direct <= 240  # half, at random (binomial 400 x 0.5: 4 sigma either side)
+    with pytest.raises(ValueError, match="direct_fraction"):
+        task.conversations(4, direct_fraction=1.5)
+
+
+def test_the_tasks_import_nothing_from_the_conversation_readers():
+    import subprocess
+    import sys
+
+    code = ("import sys, llm.tasks as t\n"
+            "for name in t.NAMES: t.options_of(name)\n"
+            "assert 'llm.data.conversations' not in sys.modules, sorted(m for m in sys.modules if m.startswith('llm'))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

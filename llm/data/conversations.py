@@ -9,10 +9,9 @@ parts ending in a tool call, answered by the next `tool` message). Sources:
     read_oasst(path)           OpenAssistant message trees (oasst1/oasst2 rows): the best-ranked path
                                per tree, or every ranked path (`all_paths=True`)
     read_hub(repo_id, split)   a Hugging Face dataset by id (parquet, any of the three shapes above)
-    gsm8k(path)                GSM8K with a calculator call for every `<<expression=result>>`
-    identity(IdentitySpec)     who the assistant is, in many paraphrases; some held out for evaluation
-    spelling(words)            spell a word, count a letter (0, 1, 2 or 3 times, equally often), answer
-                               (or a share answered at once, without spelling: `direct_fraction`)
+    collect(pairs)             (key, messages) pairs from elsewhere, checked the same way: the
+                               conversations a task contributes (`llm.tasks`: GSM8K with the
+                               calculator, letter counting, who the assistant is, ...)
 
 Every reader returns `Conversations` (the kept ones and a count of skips by
 reason). Bad input never stops a run midway: a line that is not JSON, an unknown
@@ -28,20 +27,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
-import io
 import json
 import logging
-import random
-import re
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from llm.data.sources import DataError, hub_dataset_files
 from llm.tokenizer import ROLES, TOOLS
-from llm.tools import Calculator
 
 log = logging.getLogger(__name__)
 
@@ -311,212 +304,23 @@ def _plain(messages: Any) -> Any:
     return [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, Mapping) else m for m in messages]
 
 
-# ----------------------------------------------------------------------------- GSM8K with the calculator
-
-_ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-
-
-def gsm8k_messages(question: str, answer: str, calculator: Callable[[str], str] = Calculator()) -> list[Message]:
-    """A GSM8K problem as a conversation whose assistant calls the calculator at each `<<expression=result>>`.
-
-    The call's output is what the engine's `Calculator` returns (so training shows
-    exactly what sampling will force back); the text after the annotation stays,
-    as nanochat renders it. An annotation the calculator cannot evaluate stays text.
-    """
-    messages: list[Message] = [{"role": "user", "content": question}]
-    text, cursor = "", 0
-    for match in _ANNOTATION.finditer(answer):
-        text += answer[cursor:match.start()]
-        cursor = match.end()
-        expression = match.group(1)
-        output = calculator(expression)
-        if output.startswith("Error"):
-            text += f"{expression}={match.group(2)}"
-            continue
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": text},
-                                                          {"type": "python", "text": expression}]})
-        messages.append({"role": "tool", "name": "python", "content": output})
-        text = ""
-    messages.append({"role": "assistant", "content": [{"type": "text", "text": text + answer[cursor:]}]})
-    # Drop empty leading text parts; the renderer needs none of them.
-    for m in messages:
-        if m["role"] == "assistant":
-            m["content"] = [p for p in m["content"] if p["type"] != "text" or p["text"]] or [{"type": "text", "text": ""}]
-    return messages
-
-
-def gsm8k(path: str | Path, *, errors: Errors = "skip") -> Conversations:
-    """GSM8K `{"question", "answer"}` lines as calculator-using conversations."""
-    collector = _Collector(errors)
-    for where, record in _jsonl_records(path, collector):
-        question, answer = record.get("question"), record.get("answer")
-        if not isinstance(question, str) or not isinstance(answer, str):
-            collector.bad(where, "not a GSM8K record", "expected string 'question' and 'answer' fields")
-            continue
-        collector.add(gsm8k_messages(question, answer), where)
-    return collector.out
-
-
-# ----------------------------------------------------------------------------- identity
-
-
-@dataclasses.dataclass(frozen=True)
-class IdentitySpec:
-    """Who the assistant is; every field is plain text put into templates."""
-
-    name: str = "Tiny"
-    creator: str = "the llm project"
-    can: str = "answer questions, chat, and do arithmetic with a calculator"
-    cannot: str = "browse the internet, remember past conversations, or see images"
-
-
-_ASKS = ("What is your name?", "Who are you?", "What should I call you?", "Do you have a name?",
-         "Tell me your name.", "Please introduce yourself.", "What's your name?", "Who am I talking to?",
-         "Introduce yourself, please.", "May I know your name?", "Hi! Who are you?", "What are you called?",
-         "Could you tell me who you are?", "Hello, what is your name?", "Are you a person or a program?",
-         "Who made you?", "Who built you?", "Who created you?", "What are you?", "Which assistant is this?")
-_STYLES = ("{q}", "hey, {lq}", "{q} Just curious.", "Quick question: {lq}", "{q} Thanks!", "hello there. {q}")
-_ANSWERS = ("I'm {name}, an AI assistant built by {creator}.",
-            "My name is {name}. I was built by {creator}.",
-            "I am {name}, a small language model assistant made by {creator}. I can {can}.",
-            "You can call me {name}. I'm an AI assistant created by {creator}; I cannot {cannot}.")
-_CAPABILITY = (("What can you do?", "I'm {name}. I can {can}."),
-               ("What can't you do?", "I'm {name}, and I cannot {cannot}."),
-               ("Can you browse the web?", "No. I'm {name}, and I cannot {cannot}."),
-               ("How can you help me?", "I'm {name}, an assistant by {creator}. I can {can}."))
-
-
-def identity_questions() -> list[str]:
-    """Every paraphrase of "who are you", in a fixed order (120 = 20 asks x 6 styles)."""
-    return [style.format(q=q, lq=q[0].lower() + q[1:]) for style in _STYLES for q in _ASKS]
-
-
-def identity(spec: IdentitySpec = IdentitySpec(), *, held_out: int = 20, seed: int = 0
-             ) -> tuple[Conversations, list[str]]:
-    """(training conversations, held-out questions) about who the assistant is.
-
-    The paraphrases are shuffled once with `seed`; the last `held_out` are never
-    trained on and serve to measure whether the model names itself.
-    """
-    fields = dataclasses.asdict(spec)
-    questions = identity_questions()
-    random.Random(seed).shuffle(questions)
-    train, test = questions[:-held_out] if held_out else questions, questions[-held_out:] if held_out else []
-    items = []
-    for i, question in enumerate(train):
-        answer = _ANSWERS[i % len(_ANSWERS)].format(**fields)
-        items.append(Conversation([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                                  f"identity:{i}"))
-    for j, (question, answer) in enumerate(_CAPABILITY):
-        items.append(Conversation([{"role": "user", "content": question},
-                                   {"role": "assistant", "content": answer.format(**fields)}], f"identity:cap{j}"))
-    return Conversations(items), test
-
-
-# ----------------------------------------------------------------------------- spelling and counting
-
-
-def read_words(path: str | Path, *, min_len: int = 3, max_len: int = 12) -> list[str]:
-    """Lowercase words of a word list (`.txt`, or the `.zip` holding one, as `words_alpha.zip`)."""
-    path = Path(path)
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as z:
-            [name] = [n for n in z.namelist() if n.endswith(".txt")]
-            text = io.TextIOWrapper(z.open(name), encoding="utf-8").read()
-    else:
-        text = path.read_text(encoding="utf-8")
-    return [w for w in (line.strip().lower() for line in text.splitlines())
-            if min_len <= len(w) <= max_len and w.isalpha() and w.isascii()]
-
-
-def spelling_messages(word: str, letter: str, *, spell: bool = True) -> list[Message]:
-    """How many times does `letter` appear in `word`: spell it, marking each `letter` with the count so far, answer.
-
-    "c(1),o,l,p,i,n,d,a,c(2),h. So 'c' appears 2 times. #### 2": the running
-    count sits on the letter it counts, so each step looks back one mark (a
-    tiny model cannot count positions or occurrences across the word); the
-    answer is the last mark, or 0 without one. `spell=False` answers at once
-    ("'c' appears 2 times. #### 2"): the same question without the thinking.
-    """
-    count, marked = 0, []
-    for c in word:
-        if c == letter:
-            count += 1
-            marked.append(f"{c}({count})")
-        else:
-            marked.append(c)
-    answer = f"'{letter}' appears {count} time{'s' if count != 1 else ''}. #### {count}"
-    reply = f"{','.join(marked)}. So {answer}" if spell else answer
-    return [{"role": "user", "content": f"How many times does the letter '{letter}' appear in the word \"{word}\"?"},
-            {"role": "assistant", "content": reply}]
-
-
-SPELLING_COUNTS = (0, 1, 2, 3)  # the answers letter-counting problems draw, each as often
-_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-
-
-def split_words(words: Sequence[str], split: str, test_fraction: float = 0.1) -> list[str]:
-    """The words of one split ("train" or "test"), chosen by a CRC-32 of the word: the same on every machine and run."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    in_test = [zlib.crc32(w.encode()) % 1000 < test_fraction * 1000 for w in words]
-    return [w for w, t in zip(words, in_test) if t == (split == "test")]
-
-
-def draw_letter(rng: random.Random, words: Sequence[str], count: int, tries: int = 100_000) -> tuple[str, str]:
-    """A word and a letter it holds exactly `count` times: words by rejection until one has such a letter, then
-    one of those letters uniformly (for 0: any letter the word lacks).
-
-    Problem sets ask for the counts in turn (`SPELLING_COUNTS[i % 4]`), so the
-    answers are balanced exactly and a constant answer scores 25%; the word's
-    length still correlates with the count (a 3 needs a longer word), which a
-    constant answer cannot use.
-    """
-    if not words:
-        raise ValueError("draw_letter needs words")
-    for _ in range(tries):
-        word = rng.choice(words)
-        letters = [c for c in _ALPHABET if word.count(c) == count]
-        if letters:
-            return word, rng.choice(letters)
-    raise ValueError(f"no word among {len(words)} has a letter {count} times (after {tries} draws)")
-
-
-def spelling(words: Sequence[str], n: int, *, seed: int = 0, split: str = "train",
-             counts: Sequence[int] = SPELLING_COUNTS, direct_fraction: float = 0.0) -> Conversations:
-    """`n` letter-counting conversations over the `split` words (`split_words`; "" for all), asking for
-    the `counts` in turn (`draw_letter`): the SFT mixture trains on the words GRPO trains on, never the held-out ones.
-
-    A `direct_fraction` of them answer without spelling the word out
-    (`spell=False`), at random: the fine-tuned model then chooses between
-    thinking and guessing on its own, and GRPO can learn which pays.
-    """
-    if not 0.0 <= direct_fraction <= 1.0:
-        raise ValueError(f"direct_fraction must be in [0, 1], got {direct_fraction}")
-    pool = split_words(words, split) if split else list(words)
-    rng, coin = random.Random(seed), random.Random(f"direct:{seed}")
-    items = []
-    for i in range(n):
-        word, letter = draw_letter(rng, pool, counts[i % len(counts)])
-        spell = direct_fraction == 0.0 or coin.random() >= direct_fraction
-        items.append(Conversation(spelling_messages(word, letter, spell=spell), f"spelling:{seed}:{i}"))
-    return Conversations(items)
-
-
 # ----------------------------------------------------------------------------- by name (configs)
 
 
+READERS: dict[str, Callable[..., Conversations]] = {
+    "openai": read_openai, "sharegpt": read_sharegpt, "oasst": read_oasst, "hub": read_hub}
+
+
 def open_conversations(kind: str, path: str = "", **options: Any) -> Conversations:
-    """A source by kind: openai, sharegpt, oasst, hub, gsm8k, identity, spelling (`options` go to its reader)."""
-    readers: dict[str, Callable[..., Conversations]] = {
-        "openai": lambda: read_openai(path, **options),
-        "sharegpt": lambda: read_sharegpt(path, **options),
-        "oasst": lambda: read_oasst(path, **options),
-        "hub": lambda: read_hub(path, **options),
-        "gsm8k": lambda: gsm8k(path, **options),
-        "identity": lambda: identity(IdentitySpec(**options))[0],
-        "spelling": lambda: spelling(read_words(path), **options),
-    }
-    if kind not in readers:
-        raise ValueError(f"unknown conversation source kind {kind!r}; expected one of {sorted(readers)}")
-    return readers[kind]()
+    """A file source by kind: openai, sharegpt, oasst, hub (`options` go to its reader)."""
+    if kind not in READERS:
+        raise ValueError(f"unknown conversation reader {kind!r}; expected one of {sorted(READERS)}")
+    return READERS[kind](path, **options)
+
+
+def collect(pairs: Iterable[tuple[str, list[Message]]], *, errors: Errors = "skip") -> Conversations:
+    """(key, messages) pairs as `Conversations`, each checked as a file's would be (`check_messages`)."""
+    collector = _Collector(errors)
+    for key, messages in pairs:
+        collector.add(messages, key)
+    return collector.out

@@ -3,8 +3,8 @@
     python -m launch.sft --config configs/sft_tiny.py --workdir runs/sft
 
 What is the stage's own: the conversation mixture (`config.data.sources`, each
-`{kind, path, epochs or weight, ...}`; see `llm/data/conversations.py`), rendered in the
-model's chat format and packed without splitting a conversation
+`{kind, path, epochs or weight, ...}`: conversation files, `llm/data/conversations.py`,
+or what a task contributes, `llm/tasks/`), rendered in the model's chat format and packed without splitting a conversation
 (`llm/data/chat_pipeline.py`); validation loss per source on held-out
 conversations (assistant tokens only); greedy chat figures on held-out prompts
 (replies that end their turn, held-out identity paraphrases that name the
@@ -24,13 +24,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llm import model, sharding
+from llm import model, sharding, tasks
 from llm.config import base_config, model_config
 from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
 from llm.data.pipeline import HostBatches
 from llm.generate import Engine, SamplingParams
-from llm.tasks import gsm8k as gsm8k_task
+from llm.tasks import Message, Problem
 from llm.tokenizer import Tokenizer, tool_tokens
 from llm.tools import Calculator
 from llm.train import loop
@@ -55,10 +55,11 @@ def base_sft_config(model: str = "tiny", sharding: str = "fsdp", data_dir: str =
         val_fraction=0.1,  # of each source's conversations, by a hash of their keys
         pack_window=256,  # conversations packed together (best fit) at a time
         num_shards=0,
-        # Each source: kind (openai, sharegpt, oasst, hub, gsm8k, identity, spelling), path, and how much of it a
-        # mixture epoch holds: `epochs` (times its conversations: 0.5 is a random half, redrawn every mixture
-        # epoch) or `weight` (a share of `mixture_size` conversations); the rest are the reader's options
-        # (`conversations.open_conversations`; identity: who the assistant is, and paraphrases held out).
+        # Each source: kind (a reader: openai, sharegpt, oasst, hub; or a task: gsm8k, identity, spelling,
+        # arithmetic), path, and how much of it a mixture epoch holds: `epochs` (times its conversations: 0.5 is a
+        # random half, redrawn every mixture epoch) or `weight` (a share of `mixture_size` conversations); the
+        # rest are the reader's options, or the task's (`load_mixture`; identity: who the assistant is, and
+        # paraphrases held out).
         sources=dict(
             oasst=dict(kind="oasst", path=f"{data_dir}/chat/oasst1_en_validation.jsonl", epochs=2.0),
             gsm8k=dict(kind="gsm8k", path=f"{data_dir}/gsm8k/train.jsonl", epochs=0.1),
@@ -81,24 +82,31 @@ def base_sft_config(model: str = "tiny", sharding: str = "fsdp", data_dir: str =
 
 
 def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
-                 ) -> tuple[dict[str, list], dict[str, list], dict[str, float], list[str], str, list[str]]:
-    """(train and validation conversations per source, epochs per source, held-out identity questions,
-    the assistant's name, log lines).
+                 ) -> tuple[dict[str, list], dict[str, list], dict[str, float], dict[str, tasks.Task], list[str]]:
+    """(train and validation conversations per source, epochs per source, the task of each task source, log lines).
 
-    A source's `weight` w becomes epochs w * mixture_size / (its training conversations).
+    A source's kind is a reader of conversation files (`conversations.READERS`)
+    or a task (`llm.tasks.NAMES`): its `path` and the options the task's `load`
+    takes go to `load`, the others to its `conversations`. A source's `weight` w
+    becomes epochs w * mixture_size / (its training conversations).
     """
-    train, val, epochs, questions, name_of_assistant, lines = {}, {}, {}, [], "", []
+    train, val, epochs, task_of, lines = {}, {}, {}, {}, []
     for name, spec in dc.sources.items():
         if ("epochs" in spec) == ("weight" in spec):
             raise ValueError(f"data.sources.{name}: give either epochs or weight, got {sorted(spec.keys())}")
         options = {k: v for k, v in spec.items() if k not in ("kind", "path", "epochs", "weight")}
-        if spec.kind == "identity":
-            held_out, seed = options.pop("held_out", 20), options.pop("seed", 0)
-            identity = conv.IdentitySpec(**options)
-            found, questions = conv.identity(identity, held_out=held_out, seed=seed)
-            name_of_assistant = identity.name
-        else:
+        if spec.kind in conv.READERS:
             found = conv.open_conversations(spec.kind, spec.get("path", ""), **options)
+        elif spec.kind in tasks.NAMES:
+            takes = tasks.options_of(spec.kind)
+            task = tasks.load(spec.kind, **{k: options.pop(k) for k in list(options) if k in takes},
+                              **({"path": spec.path} if "path" in spec else {}))
+            if task.conversations is None:
+                raise ValueError(f"data.sources.{name}: task {spec.kind!r} contributes no conversations")
+            found, task_of[name] = conv.collect(task.conversations(**options)), task
+        else:
+            raise ValueError(f"data.sources.{name}: unknown kind {spec.kind!r}; a reader "
+                             f"({', '.join(conv.READERS)}) or a task ({', '.join(tasks.NAMES)})")
         train[name], val[name] = cp.split_keys(found.items, val_fraction)
         if "weight" in spec:
             if dc.mixture_size <= 0 or spec.weight < 0:
@@ -108,7 +116,7 @@ def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
         else:
             epochs[name] = float(spec.epochs)
         lines.append(f"{name} ({spec.kind}, {epochs[name]:.3g} epochs): {found.describe()}")
-    return train, val, epochs, questions, name_of_assistant, lines
+    return train, val, epochs, task_of, lines
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
@@ -136,7 +144,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     micro_batch = dc.batch_size // tc.grad_accum
     width = dc.seq_len + 1
 
-    train_mix, val_mix, epochs, identity_questions, assistant, lines = load_mixture(dc, dc.val_fraction)
+    train_mix, val_mix, epochs, mixture_tasks, lines = load_mixture(dc, dc.val_fraction)
     train, val = cp.render(train_mix, tokenizer, width), cp.render(val_mix, tokenizer, width)
     described = (f"{len(cp.epoch_indices(train, epochs, config.seed))} conversations per mixture epoch; train: {train.describe()}; "
                  f"validation: {val.describe()}; sequence {dc.seq_len}, batch {dc.batch_size}")
@@ -153,14 +161,14 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
     eval_fn = jax.jit(lambda params, batch: _eval_sums(cfg, params, batch, mesh, rules),
                       out_shardings=NamedSharding(mesh, PartitionSpec()))
-    prompts = chat_prompts(tc, identity_questions, tokenizer, cfg.max_seq_len)
+    prompts = chat_prompts(tc, mixture_tasks, tokenizer, cfg.max_seq_len)
     val_batches = validation_batches(val, width, micro_batch)
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(params, step: int) -> dict[str, float]:
         figures = validation_losses(eval_fn, params, val_batches, sharding.batch_sharding(mesh, rules))
         if tc.chat_eval:
             host = sharding.gather_to_host(params)
-            figures |= chat_figures(cfg, host, tokenizer, prompts, assistant, tc.chat_eval_tokens)
+            figures |= chat_figures(cfg, host, tokenizer, prompts, tc.chat_eval_tokens)
         return figures
 
     return loop.Stage(
@@ -243,49 +251,58 @@ def validation_losses(eval_fn, params, batches: dict[str, list[dict[str, np.ndar
 # ----------------------------------------------------------------------------- greedy chat
 
 
-def chat_prompts(tc: ml_collections.ConfigDict, identity_questions: list[str], tokenizer: Tokenizer, context: int
-                 ) -> dict[str, list]:
-    """The held-out prompts of the chat figures: identity paraphrases and the first GSM8K test problems that fit.
+def chat_prompts(tc: ml_collections.ConfigDict, mixture_tasks: dict[str, tasks.Task], tokenizer: Tokenizer,
+                 context: int) -> dict[str, tuple[tasks.Task, list[Problem]]]:
+    """The chat figures' tasks and held-out problems: the mixture's identity paraphrases and the first GSM8K test
+    problems (`train.chat_eval_gsm8k`) that fit, `train.chat_eval_questions` of each.
 
     A problem fits when its prompt leaves a quarter of the model's context for the reply.
     """
-    fitting = []
+    prompts = {}
+    identity = [t for t in mixture_tasks.values() if t.name == "identity"]
+    if identity:
+        prompts["identity"] = (identity[-1], identity[-1].problems("test", 0, 0)[:tc.chat_eval_questions])
     if tc.chat_eval_gsm8k:
-        for problem in gsm8k_task.problems(tc.chat_eval_gsm8k):
-            if len(tokenizer.render_for_completion(problem.messages)) <= 3 * context // 4:
-                fitting.append(problem)
+        gsm8k = tasks.load("gsm8k", eval_path=tc.chat_eval_gsm8k)
+        fitting = []
+        for problem in gsm8k.problems("test", 0, 0):
             if len(fitting) == tc.chat_eval_questions:
                 break
-    return {"identity": identity_questions[:tc.chat_eval_questions], "gsm8k": fitting}
+            if len(tokenizer.render_for_completion(problem.messages)) <= 3 * context // 4:
+                fitting.append(problem)
+        prompts["gsm8k"] = (gsm8k, fitting)
+    return prompts
 
 
-def _greedy(cfg, host_params, tokenizer: Tokenizer, user_messages: list[str], max_new_tokens: int):
+def _greedy(cfg, host_params, tokenizer: Tokenizer, conversations: list[list[Message]], max_new_tokens: int):
     tools = {"python": Calculator()} if tokenizer.has_tool("python") else {}
     engine = Engine(cfg, jax.device_put(host_params, jax.local_devices()[0]), tokenizer, tools=tools)
     # A reply that reaches the model's context stops there ("context") and counts as not ending its turn.
-    prompts = [tokenizer.render_for_completion([{"role": "user", "content": m}]) for m in user_messages]
+    prompts = [tokenizer.render_for_completion(messages) for messages in conversations]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                               stop_token_ids=tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot))))
     return [s for [s] in engine.generate(prompts, sampling)] if prompts else []
 
 
-def chat_figures(cfg, host_params, tokenizer: Tokenizer, prompts: dict[str, list], name: str, max_new_tokens: int
-                 ) -> dict[str, float]:
+def chat_figures(cfg, host_params, tokenizer: Tokenizer, prompts: dict[str, tuple[tasks.Task, list[Problem]]],
+                 max_new_tokens: int) -> dict[str, float]:
     """Greedy replies to held-out prompts, measured.
 
     - `chat/end_of_turn`: share of replies that end with the end-of-turn token within `max_new_tokens`;
-    - `chat/identity_named`: share of held-out identity paraphrases whose reply names the assistant;
+    - `chat/identity_named`: share of held-out identity paraphrases whose reply names the assistant
+      (the identity task's `grade`);
     - `chat/calc_wellformed`: share of GSM8K replies with at least one calculator call, every call
       closed and evaluable by the `Calculator`; `chat/gsm8k_correct`: right by the GSM8K task's `grade`.
     """
-    identity, gsm8k = prompts["identity"], prompts["gsm8k"]
-    samples = _greedy(cfg, host_params, tokenizer, identity + [p.messages[0]["content"] for p in gsm8k], max_new_tokens)
+    identity_task, identity = prompts.get("identity", (None, []))
+    gsm8k_task, gsm8k = prompts.get("gsm8k", (None, []))
+    samples = _greedy(cfg, host_params, tokenizer, [list(p.messages) for p in identity + gsm8k], max_new_tokens)
     if not samples:
         return {}
     ended = [s.tokens[-1:] == [tokenizer.end_of_turn] for s in samples]
     figures = {"chat/end_of_turn": float(np.mean(ended))}
     if identity:
-        named = [name in s.text for s in samples[:len(identity)]]
+        named = [identity_task.grade(p, s.text) for p, s in zip(identity, samples)]
         figures["chat/identity_named"] = float(np.mean(named))
     if gsm8k:
         replies = samples[len(identity):]
@@ -316,5 +333,5 @@ def _calls_wellformed(tokens: list[int], tokenizer: Tokenizer) -> bool:
 
 def chat_samples(cfg, host_params, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy replies to fixed user messages, for the log."""
-    samples = _greedy(cfg, host_params, tokenizer, prompts, max_new_tokens)
+    samples = _greedy(cfg, host_params, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens)
     return [f"{p} -> " + re.sub(r"\s+", " ", s.text) for p, s in zip(prompts, samples)]

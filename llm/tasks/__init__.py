@@ -89,6 +89,7 @@ _LOADERS = {
     "spelling": ("spelling", "load"),
     "arithmetic": ("arithmetic", "load"),
     "gsm8k": ("gsm8k", "load"),
+    "identity": ("identity", "load"),
 }
 NAMES = tuple(_LOADERS)
 # Options any task accepts and ignores when it does not use them: configs share these fields across tasks.
@@ -102,12 +103,12 @@ def _loader(name: str) -> Callable[..., Task]:
     return getattr(importlib.import_module(f"llm.tasks.{module}"), function)
 
 
-def options_of(name: str) -> tuple[str, ...]:
+def options_of(name: str, /) -> tuple[str, ...]:
     """The options task `name` takes (its `load`'s keywords)."""
     return tuple(inspect.signature(_loader(name)).parameters)
 
 
-def load(name: str, **options: Any) -> Task:
+def load(name: str, /, **options: Any) -> Task:
     """The task `name`, its files read once (on first use); options as its loader documents them."""
     takes = options_of(name)
     unknown = [k for k in options if k not in takes and k not in GENERIC]

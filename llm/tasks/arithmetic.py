@@ -1,7 +1,8 @@
-"""Multi-digit arithmetic ("What is 4821 + 377?"): generated problems and grading.
+"""Multi-digit arithmetic ("What is 4821 + 377?"): generated problems, grading, SFT data.
 
-    problems(200, split="test", digits=(2, 4))
-    grade(problem, "4821 + 377 = 5198. #### 5198")  -> True
+    task = load("arithmetic", digits=(2, 4))      # llm.tasks.load
+    task.problems("test", 200, 0); task.grade(problem, "4821 + 377 = 5198. #### 5198")  -> True
+    task.conversations(1000)                      # train problems answered in that format
 
 Operands have between `digits[0]` and `digits[1]` digits (multiplication: the
 second operand at most 2 digits, so answers stay short); the operation is +, -
@@ -18,7 +19,7 @@ import random
 import re
 import zlib
 
-from llm.tasks import Problem, Task, check_split
+from llm.tasks import Message, Problem, Task, check_split
 from llm.tasks.gsm8k import STOP_STRINGS
 
 SPLITS = ("train", "test")
@@ -71,6 +72,17 @@ def reward(problem: Problem, completion: str) -> float:
     return float(grade(problem, completion))
 
 
+def conversations(n: int, *, seed: int = 0, split: str = "train", digits: tuple[int, int] = (2, 4),
+                  test_fraction: float = 0.1) -> list[tuple[str, list[Message]]]:
+    """`n` problems of the split as (key, messages), answered in the format `grade` reads ("a + b = c. #### c")."""
+    out = []
+    for p in problems(n, split=split, seed=seed, digits=digits, test_fraction=test_fraction):
+        expression = p.key.split(":")[3].replace("*", "x")
+        reply = f"{expression} = {p.answer}. #### {p.answer}"
+        out.append((f"arithmetic:{p.key}", [*p.messages, {"role": "assistant", "content": reply}]))
+    return out
+
+
 def load(digits: tuple[int, int] = (2, 4), limit: int | None = None, test_fraction: float = 0.1) -> Task:
     """Arithmetic with operands of `digits` digits; a count of 0 gives `limit` problems (200 without one)."""
     digits = tuple(digits)
@@ -80,4 +92,7 @@ def load(digits: tuple[int, int] = (2, 4), limit: int | None = None, test_fracti
         n = count if count and count > 0 else (limit or STANDARD_COUNT)
         return problems(n, split=split, seed=seed, digits=digits, test_fraction=test_fraction)
 
-    return Task("arithmetic", "generative", draw, grade, STOP_STRINGS)
+    def sft(n: int, *, seed: int = 0, split: str = "train") -> list[tuple[str, list[Message]]]:
+        return conversations(n, seed=seed, split=split, digits=digits, test_fraction=test_fraction)
+
+    return Task("arithmetic", "generative", draw, grade, STOP_STRINGS, sft)

@@ -1,7 +1,8 @@
-"""GSM8K (Cobbe et al. 2021, "Training Verifiers to Solve Math Word Problems"): problems and the grading rule.
+"""GSM8K (Cobbe et al. 2021, "Training Verifiers to Solve Math Word Problems"): problems, grading, SFT data.
 
-    problems("../shared/data/gsm8k/test.jsonl", fewshot=train_records[:5])
-    grade(problem, "... so she makes $18 a day.\\n#### 18")  -> True
+    task = load("gsm8k", data_dir="../shared/data", shots=5)    # llm.tasks.load
+    task.problems("test", 0, 0); task.grade(problem, "... so she makes $18 a day.\\n#### 18")  -> True
+    task.conversations()          # the train split with a calculator call at every <<expression=result>>
 
 A `Problem` holds the question as a user message (chat models) and as plain text
 after few-shot solved examples, `"Question: ...\\nAnswer: ...\\n\\n"`, the
@@ -21,11 +22,17 @@ reasoning that never concluded.
 from __future__ import annotations
 
 import decimal
+import gzip
+import json
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
-from llm.tasks import Problem, Task, check_split, draw, find, once
+from llm.data.sources import DataError
+from llm.tasks import Message, Problem, Task, check_split, draw, find, once
 from llm.tasks.choice_sets import read_records
+from llm.tools import Calculator
 
 STOP_STRINGS = ("\n\nQuestion:", "Question:", "\n\n")  # where a base model's answer ends
 HUB_ID = "openai/gsm8k"
@@ -133,9 +140,66 @@ def load(path: str = "", eval_path: str = "", data_dir: str = "", shots: int = 0
         check_split("gsm8k", split, SPLITS)
         return draw(read[split](), count, seed)
 
-    def sft(split: str = "train") -> list[tuple[str, list]]:
-        from llm.data import conversations as conv
-
-        return [(c.key, c.messages) for c in conv.gsm8k(source(split))]
+    def sft(split: str = "train") -> list[tuple[str, list[Message]]]:
+        return conversations(source(split), split=split)
 
     return Task("gsm8k", "generative", sample, grade, STOP_STRINGS, sft)
+
+
+# ----------------------------------------------------------------------------- SFT: solutions with the calculator
+
+CALL = re.compile(r"<<([^<>=]*)=([^<>]*)>>")  # a solution's calculator annotation: <<expression=result>>
+
+
+def gsm8k_messages(question: str, answer: str, calculator: Callable[[str], str] = Calculator()) -> list[Message]:
+    """A GSM8K problem as a conversation whose assistant calls the calculator at each `<<expression=result>>`.
+
+    The call's output is what the engine's `Calculator` returns (so training shows
+    exactly what sampling will force back); the text after the annotation stays,
+    as nanochat renders it. An annotation the calculator cannot evaluate stays text.
+    """
+    messages: list[Message] = [{"role": "user", "content": question}]
+    text, cursor = "", 0
+    for match in CALL.finditer(answer):
+        text += answer[cursor:match.start()]
+        cursor = match.end()
+        expression = match.group(1)
+        output = calculator(expression)
+        if output.startswith("Error"):
+            text += f"{expression}={match.group(2)}"
+            continue
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text},
+                                                          {"type": "python", "text": expression}]})
+        messages.append({"role": "tool", "name": "python", "content": output})
+        text = ""
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": text + answer[cursor:]}]})
+    # Drop empty leading text parts; the renderer needs none of them.
+    for m in messages:
+        if m["role"] == "assistant":
+            m["content"] = [p for p in m["content"] if p["type"] != "text" or p["text"]] or [{"type": "text", "text": ""}]
+    return messages
+
+
+def _numbered_records(source: str, split: str) -> Iterable[tuple[str, dict]]:
+    """(file:line, record) of a local JSONL file (optionally gzipped), else (id:index, record) of a hub dataset."""
+    if not os.path.isfile(source) or source.endswith(".parquet"):
+        yield from ((f"{source}:{i}", r) for i, r in enumerate(read_records(source, split=split, subset="main")))
+        return
+    path = Path(source)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="surrogateescape") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{number}: not a JSON line ({e})") from e
+
+
+def conversations(source: str, *, split: str = "train") -> list[tuple[str, list[Message]]]:
+    """GSM8K `{question, answer}` records as calculator-using conversations, keyed by file and line."""
+    out = []
+    for where, record in _numbered_records(source, split):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "answer")):
+            raise DataError(f"{where}: expected string 'question' and 'answer' fields")
+        out.append((where, gsm8k_messages(record["question"], record["answer"])))
+    return out
