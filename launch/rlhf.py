@@ -9,8 +9,9 @@ policy is in WORKDIR/best_judge. Multi-host RLHF is not supported yet.
 
 import sys
 
+from launch import cli
 from launch.stage_flags import run_stage
 from llm.stages import rlhf
 
 if __name__ == "__main__":
-    run_stage("python -m launch.rlhf", rlhf.run, sys.argv[1:])
+    cli.main(run_stage, "python -m launch.rlhf", rlhf.run, sys.argv[1:])

@@ -8,8 +8,9 @@ The same command shape, resume and refusal of another run's checkpoints as
 
 import sys
 
+from launch import cli
 from launch.stage_flags import run_stage
 from llm.stages import sft
 
 if __name__ == "__main__":
-    run_stage("python -m launch.sft", sft.run, sys.argv[1:])
+    cli.main(run_stage, "python -m launch.sft", sft.run, sys.argv[1:])

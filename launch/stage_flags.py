@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Callable
 
 import jax
 import ml_collections
 
-from llm.config import config_from_argv
-from llm.train.loop import ResumeMismatch, Summary
+from launch import cli
+from llm import sharding
+from llm.config import config_from_argv, model_config
+from llm.train.loop import Summary
+from llm.train.optimizer import make_optimizer
 
 
 def initialize_distributed() -> None:
@@ -38,17 +40,31 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()  # reads the SLURM environment
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects a config whose model, mesh, sharding or optimizer cannot be built, before any work."""
+    with cli.user_input():
+        if not config.get("init_from"):  # otherwise the model is the one init_from holds
+            model_config(config)
+        sharding.make_mesh(config.mesh)
+        sharding.check_rules(dict(config.sharding))
+        make_optimizer(config.optimizer, {})  # the name and the schedule; no parameters needed
+
+
 def run_stage(prog: str, run: Callable[[ml_collections.ConfigDict, str], Summary], argv: list[str]) -> None:
-    """Parses the config and workdir, joins the cluster, runs the stage, prints its summary."""
-    config, rest = config_from_argv(argv)
+    """Parses the config and workdir, joins the cluster, runs the stage, prints its summary.
+
+    Run it under `cli.main`, which turns a mistake (a config typo, an unwritable workdir,
+    another run's checkpoints in it) into one `error:` line.
+    """
+    with cli.user_input():
+        config, rest = config_from_argv(argv)
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args(rest)
+    cli.writable_dir(args.workdir, "--workdir")
     initialize_distributed()
-    try:
-        summary = run(config, args.workdir)
-    except ResumeMismatch as error:
-        sys.exit(f"error: {error}")
+    check_config(config)
+    summary = run(config, args.workdir)
     evals = ", ".join(f"{k} {v:.4f} (first {summary.first_evals.get(k, float('nan')):.4f})"
                       for k, v in summary.evals.items())
     print(f"done: step {summary.step}, train loss {summary.train_loss:.4f}" + (f", {evals}" if evals else ""))

@@ -9,8 +9,9 @@ before anything is written. Multi-host: see `launch/stage_flags.py`.
 
 import sys
 
+from launch import cli
 from launch.stage_flags import run_stage
 from llm.stages import pretrain
 
 if __name__ == "__main__":
-    run_stage("python -m launch.train", pretrain.run, sys.argv[1:])
+    cli.main(run_stage, "python -m launch.train", pretrain.run, sys.argv[1:])
