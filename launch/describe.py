@@ -11,17 +11,20 @@ import sys
 
 import jax
 
+from launch import cli
 from llm import model, sharding
 from llm.config import config_from_argv, model_config
 
 
 def main(argv: list[str]) -> None:
-    config, rest = config_from_argv(argv)
-    if rest:
-        raise SystemExit(f"unknown arguments: {rest}")
-    cfg = model_config(config)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = dict(config.sharding)
+    with cli.user_input():
+        config, rest = config_from_argv(argv)
+        if rest:
+            raise cli.UserError(f"unknown arguments: {rest}")
+        cfg = model_config(config)
+        mesh = sharding.make_mesh(config.mesh)
+        rules = dict(config.sharding)
+        sharding.check_rules(rules)
     shapes = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(config.seed))
     shardings = sharding.param_shardings(model.param_axes(cfg), shapes, mesh, rules)
     print(cfg)
@@ -34,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.main(main, sys.argv[1:])

@@ -11,6 +11,7 @@ tokenizer files beside them).
 import argparse
 import os
 
+from launch import cli
 from llm import gguf, hf
 from llm.release import HF_DIR_TOKENIZER, load_release
 
@@ -23,6 +24,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="f32", choices=gguf.WRITE_TYPES, help="GGUF weight type")
     parser.add_argument("--name", help="the model's name in the GGUF metadata (default: the checkpoint's)")
     args = parser.parse_args(argv)
+    if args.format == "gguf":  # before the model is loaded: a bad --out fails in a second, not after the load
+        cli.writable_file(args.out, "--out")
+    else:
+        cli.writable_dir(args.out, "--out")
     cfg, params, tokenizer = load_release(args.checkpoint)
     if args.format == "gguf":
         name = args.name or os.path.basename(os.path.normpath(args.checkpoint))
@@ -35,4 +40,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

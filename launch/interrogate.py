@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 from tqdm import tqdm
 
+from launch import cli
 from llm.generate import Engine
 from llm.release import load_release
 from llm.tasks import qa, refusals
@@ -53,11 +53,14 @@ def main(argv=None) -> None:
     parser.add_argument("--fictional", type=int, default=20, help="fictional-person questions (with --evaluate)")
     parser.add_argument("--baseline", help="the figures .json of the model before fine-tuning (with --evaluate)")
     args = parser.parse_args(argv)
+    cli.writable_file(args.out, "--out")
+    if args.baseline and not os.path.isfile(args.baseline):
+        raise cli.UserError(f"--baseline {args.baseline}: no such file (the figures .json of an earlier --evaluate)")
 
     started = time.time()
     problems = qa.problems(args.questions, skip=args.skip, limit=args.limit, config=args.hub_config)
     if not problems:
-        sys.exit(f"no questions in {args.questions} after skipping {args.skip}")
+        raise cli.UserError(f"no questions in {args.questions} after skipping {args.skip}")
     cfg, params, tokenizer = load_release(args.checkpoint)
     engine = Engine(cfg, params, tokenizer)
     if args.evaluate:
@@ -101,4 +104,4 @@ def _evaluate(args, engine: Engine, problems, started: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -15,18 +15,21 @@ import json
 import os
 import sys
 
+from launch import cli
 from llm.config import config_from_argv
 from llm.stages import rlhf
 
 
 def main(argv: list[str]) -> None:
-    config, rest = config_from_argv(argv)
+    with cli.user_input():
+        config, rest = config_from_argv(argv)
     parser = argparse.ArgumentParser(prog="python -m launch.label_pairs")
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompts", type=int, default=300)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(rest)
+    cli.writable_file(args.out, "--out")
     records = rlhf.label_pairs(config, args.prompts, args.samples, args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
@@ -39,4 +42,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.main(main, sys.argv[1:])

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from launch import cli
 from llm.data.prepare import prepare
 from llm.tokenizer import Tokenizer
 
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="tokenizer threads")
     args = parser.parse_args(argv)
+    cli.writable_dir(args.out, "--out")
     from llm.data.sources import open_source
 
     manifest = prepare(
@@ -44,4 +46,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.main(main)
