@@ -6,9 +6,11 @@
 `--checkpoint` takes our releases, Hugging Face directories or hub ids, and GGUF
 files. Tasks are `llm.evals.registry.TASKS`; data come from `--data-dir` (the
 public files, as in `../shared/data`) or else the Hugging Face hub. A progress bar
-per task, then a table; `report.json` and `report.md` go to `--out`, by default
-the checkpoint's run folder (`runs/x/release` -> `runs/x/`; a file's folder; a
-Hugging Face directory itself).
+per task, then a table; `report.json` and `report.md` go to `--out DIR`, by default
+the run's workdir when the checkpoint is a training run's release (`runs/x/release`
+-> `runs/x/`, beside the stage's own report), else the current directory: never into
+a model's folder this project did not create (a GGUF's folder, a Hugging Face
+directory, the hub cache).
 """
 
 from __future__ import annotations
@@ -16,27 +18,30 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 
 import jax
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
+from launch import cli
 from llm import sharding
 from llm.config import LOGICAL_AXES, SHARDING_PRESETS
 from llm.evals import registry
 from llm.evals.report import table, write_report
 from llm.release import load_release
 
+# What a training workdir holds beside its release/ (llm/train/loop.py): the marks of a run of ours.
+RUN_MARKS = ("checkpoints", "metrics.jsonl")
+
 
 def report_dir(checkpoint: str) -> str:
-    """Where a checkpoint's report card goes: its run folder."""
+    """Where a checkpoint's report card goes by default: its run's workdir for a run's release, else here."""
     path = os.path.normpath(checkpoint)
-    if os.path.isfile(path):
-        return os.path.dirname(path) or "."
-    if os.path.isdir(path):
-        return os.path.dirname(path) if os.path.basename(path) == "release" else path
-    raise ValueError(f"{checkpoint} is not a local file or directory (a hub id?): pass --out")
+    run = os.path.dirname(path)
+    if os.path.basename(path) == "release" and os.path.isdir(path) and any(
+            os.path.exists(os.path.join(run or ".", mark)) for mark in RUN_MARKS):
+        return run or "."
+    return "."
 
 
 def main(argv=None) -> None:
@@ -48,7 +53,8 @@ def main(argv=None) -> None:
                         help=f"comma-separated, from {','.join(registry.TASKS)}")
     parser.add_argument("--limit", type=int, help="the first N items of each task")
     parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--out", help="report folder (default: the checkpoint's run folder)")
+    parser.add_argument("--out", help="folder for report.json and report.md (default: the run's workdir for a "
+                                      "training run's release/, else the current directory)")
     parser.add_argument("--chat", action="store_true", help="chat variants (ARC, MMLU letters; GSM8K as a user message)")
     parser.add_argument("--bos", action="store_true", help="document-start token before each multiple-choice context")
     parser.add_argument("--batch-rows", type=int, default=16, help="packed rows per multiple-choice forward")
@@ -70,11 +76,18 @@ def main(argv=None) -> None:
     names = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in names if t not in registry.TASKS]
     if unknown:
-        sys.exit(f"unknown task(s) {unknown}; choose from {sorted(registry.TASKS)}")
+        raise cli.UserError(f"unknown task(s) {unknown}; choose from {sorted(registry.TASKS)}")
     out = args.out or report_dir(args.checkpoint)
+    cli.writable_dir(out, "--out" if args.out else "the report folder (choose one with --out)")
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise cli.UserError(f"--k {args.k!r}: expected comma-separated numbers of samples, e.g. 1,4") from None
+    if any(registry.TASKS[t].kind == "generative" for t in names) and not all(1 <= k <= args.n for k in ks):
+        raise cli.UserError(f"--k {args.k}: pass@k needs 1 <= k <= --n (the samples per problem, {args.n})")
     options = registry.Options(
         data_dir=args.data_dir, limit=args.limit, chat=args.chat, batch_rows=args.batch_rows, max_len=args.max_len,
-        bos=args.bos, n=args.n, ks=tuple(int(k) for k in args.k.split(",")), temperature=args.temperature,
+        bos=args.bos, n=args.n, ks=ks, temperature=args.temperature,
         top_p=args.top_p, max_new_tokens=args.max_new_tokens, shots=args.shots, tools=not args.no_tools,
         seed=args.seed, bpb_source=args.bpb_source, bpb_val_fraction=args.bpb_val_fraction,
         bpb_batches=args.bpb_batches)
@@ -103,4 +116,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -236,6 +236,7 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
     params = model.init_params(cfg, jax.random.key(1))
     save_release(str(tmp_path / "run" / "release"), cfg, params, tiny_tok)
     (tmp_path / "run" / "report.md").write_text("# sft report\n\n- loss: 1.0\n")  # the training stage's report
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # its log: run/ is a training run's workdir
     launch_eval.main(["--checkpoint", str(tmp_path / "run" / "release"), "--tasks",
                       "hellaswag,arc_easy,mmlu_5shot,gsm8k,triviaqa,nq_open,spelling,bpb", "--limit", "4",
                       "--data-dir", str(EVALS), "--max-new-tokens", "8", "--shots", "1",
@@ -261,6 +262,51 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
     assert report["bpb"] == bpb.bits_per_byte(cfg, params, tiny_tok, str(FIXTURES / "wikipedia_en_sample.jsonl"),
                                               mesh=mesh, rules=rules, batch_size=16, max_batches=2, val_fraction=1.0)
     assert 0 < report["bpb"]["val_bpb"] < 20
+
+
+def test_report_goes_to_a_runs_workdir_else_here_never_into_a_models_folder(tmp_path):
+    from launch.eval import report_dir
+
+    run = tmp_path / "runs" / "sft"
+    (run / "release").mkdir(parents=True)
+    assert report_dir(str(run / "release")) == "."  # a folder named release/ is not yet a run of ours
+    (run / "metrics.jsonl").write_text("")
+    assert report_dir(str(run / "release")) == report_dir(f"{run}/release/") == str(run)
+    (run / "metrics.jsonl").unlink()
+    (run / "checkpoints").mkdir()
+    assert report_dir(str(run / "release")) == str(run)
+    models = tmp_path / "models"
+    (models / "hub" / "models--o--m" / "snapshots" / "abc").mkdir(parents=True)
+    (models / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    for downloaded in (models / "m.Q4_1.gguf", models, models / "hub" / "models--o--m" / "snapshots" / "abc",
+                       "HuggingFaceTB/SmolLM2-135M", "bartowski/SmolLM2-135M-Instruct-GGUF:Q4_1"):
+        assert report_dir(str(downloaded)) == "."
+
+
+def test_launch_eval_leaves_a_models_folder_untouched(tiny_tok, tmp_path, monkeypatch, capsys):
+    from launch import eval as launch_eval
+    from llm.release import save_release
+
+    cfg = ModelConfig(family="gpt2", vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, mlp_dim=64,
+                      max_seq_len=128)
+    folder = tmp_path / "downloads" / "tiny"
+    save_release(str(folder), cfg, model.init_params(cfg, jax.random.key(0)), tiny_tok)
+    before = sorted(p.name for p in folder.iterdir())
+    folder.chmod(0o555)  # read-only (root writes anyway: the listing below is the check)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    args = ["--checkpoint", str(folder), "--tasks", "arc_easy", "--limit", "2", "--data-dir", str(EVALS)]
+    try:
+        launch_eval.main(args)
+        launch_eval.main([*args, "--out", str(tmp_path / "cards")])
+    finally:
+        folder.chmod(0o755)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    for where in (here, tmp_path / "cards"):
+        assert json.loads((where / "report.json").read_text())["tasks"]["arc_easy"]["items"] == 2
+        assert "| arc_easy | acc |" in (where / "report.md").read_text()
+    assert f"wrote {tmp_path / 'cards' / 'report.json'}" in capsys.readouterr().out
 
 
 GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
