@@ -2,7 +2,7 @@
 
     python -m bench.top_k [--vocab 50304 --k 50 --batches 1 8]
 
-The sampler's top-k (llm.generate.top_k_by_blocks) takes block maxima, then the
+The sampler's top-k (llm.sampling.top_k_by_blocks) takes block maxima, then the
 top k blocks' logits; `lax.top_k` is what it replaces and `torch.topk` is what
 `transformers`' TopKLogitsWarper calls. Same random float32 logits for all three;
 each time is the best of ROUNDS rounds in which the three take turns.
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import torch
 
-from llm.generate import top_k_by_blocks
+from llm.sampling import top_k_by_blocks
 
 ROUNDS, CALLS = 5, 100
 

@@ -1,6 +1,7 @@
 """The sampling engine: cache-exact greedy decoding, sampling rules, stop strings, tool calls."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,12 @@ import transformers
 
 from hf_models import gpt2, llama
 from scripted import TOKENIZER, script, scripted_gpt2
-from llm import generate, hf, model
+from llm import hf, model
 from llm.config import ModelConfig
-from llm.generate import Engine, SamplingParams, process_logits, sample_tokens, top_k_by_blocks
+from llm.cpu_layout import CPU_LAYOUT, LayerCache
+from llm.engine_steps import STACKED
+from llm.generate import Engine, SamplingParams, engine_for
+from llm.sampling import process_logits, sample_tokens, top_k_by_blocks
 from llm.tokenizer import tool_tokens
 from llm.tools import Calculator, Search
 
@@ -47,13 +51,12 @@ def test_a_call_s_seed_repeats_its_rollouts_exactly_and_another_seed_differs():
     assert rollouts(12) != first
 
 
-@pytest.mark.parametrize("layout", ["per_layer", "stacked"])  # stacked: the accelerators' layout, run on CPU
-def test_samples_of_a_prompt_share_its_prefill_and_each_stays_exact(layout, monkeypatch):
-    if layout == "stacked":
-        monkeypatch.setattr(generate, "_sampling_layout", lambda cfg, params: (cfg, params))
+# stacked: the accelerators' layout, run on CPU
+@pytest.mark.parametrize("layout", [CPU_LAYOUT, STACKED], ids=["per_layer", "stacked"])
+def test_samples_of_a_prompt_share_its_prefill_and_each_stays_exact(layout):
     params = model.init_params(SMALL, jax.random.key(0))
     prompts = [[5, 17, 3], [9, 1, 44, 60, 2, 71, 8]]  # two lengths, so a sample continuing the wrong prompt shows
-    samples = Engine(SMALL, params).generate(prompts, SamplingParams(max_new_tokens=10, n=3, seed=3))
+    samples = Engine(SMALL, params, layout=layout).generate(prompts, SamplingParams(max_new_tokens=10, n=3, seed=3))
     for prompt, group in zip(prompts, samples):
         assert len(group) == 3 and len({s.tokens[0] for s in group}) > 1  # independent draws from the first token on
         for sample in group:
@@ -64,9 +67,9 @@ def test_the_engines_cpu_cache_holds_and_attends_as_the_models_cache():
     """64 rows of 3 tokens at scattered positions: per-row slices into per-layer [B, K, H, S] values, one scatter
     into the model's stacked [L, B, K, S, H] ones; the same slots, rows and attention either way."""
     B, T, S, layer = 64, 3, 32, 1
-    cfg, params = generate._sampling_layout(SMALL, model.init_params(SMALL, jax.random.key(0)))
-    ours, theirs = generate._empty_cache(cfg, params, B, S), model.init_cache(SMALL, B, S)
-    assert isinstance(ours, generate._LayerCache) and isinstance(theirs, model.KVCache)
+    cfg, _ = CPU_LAYOUT.place(SMALL, model.init_params(SMALL, jax.random.key(0)))
+    ours, theirs = CPU_LAYOUT.empty_cache(cfg, B, S), model.init_cache(SMALL, B, S)
+    assert isinstance(ours, LayerCache) and isinstance(theirs, model.KVCache)
     keys = jax.random.split(jax.random.key(1), 3)
     new_k, new_v = (jax.random.normal(k, (B, T, SMALL.n_kv_head, SMALL.head_dim)) for k in keys[:2])
     positions = jnp.asarray(np.random.RandomState(0).randint(0, S - T + 1, B)[:, None] + np.arange(T))
@@ -135,12 +138,12 @@ def test_engine_top_k_of_one_and_a_tiny_top_p_sample_greedily_and_never_recompil
     engine = Engine(SMALL, params)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
     greedy = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10))
-    compiled = [engine._prefill._cache_size(), engine._decode[False]._cache_size()]
+    compiled = [engine._prefill._cache_size(), engine._decode_step(len(prompts))._cache_size()]
     for controls in [dict(top_k=1, temperature=1.5), dict(top_p=1e-6, temperature=0.7), dict(top_p=1e-6, seed=5)]:
         sampled = engine.generate(prompts, SamplingParams(max_new_tokens=10, **controls))
         assert [s.tokens for [s] in sampled] == [s.tokens for [s] in greedy], controls
     # temperature, top-p and the seed are traced values: only top-k's k compiled anew (once per step function)
-    assert [engine._prefill._cache_size(), engine._decode[False]._cache_size()] == [c + 1 for c in compiled]
+    assert [engine._prefill._cache_size(), engine._decode_step(len(prompts))._cache_size()] == [c + 1 for c in compiled]
 
 
 def test_a_row_that_stops_early_leaves_the_others_exact():
@@ -230,6 +233,14 @@ def test_token_ids_outside_the_vocabulary_are_a_clear_error():
         Engine(SMALL, params).generate([[1, 2], [3, 96]], SamplingParams(max_new_tokens=4))
     with pytest.raises(ValueError, match="tool 'python' needs token ids .* but the model has 96 logits"):
         Engine(SMALL, params, TOKENIZER, tools={"python": Calculator()})
+
+
+def test_engine_for_gives_the_calculator_only_when_asked_and_the_tokenizer_has_its_tokens():
+    cfg, params = scripted_gpt2({})
+    assert isinstance(engine_for(cfg, params, TOKENIZER, tools=True).tools["python"], Calculator)
+    assert engine_for(cfg, params, TOKENIZER, tools=False).tools == {}
+    no_tool_tokens = types.SimpleNamespace(has_tool=lambda tool: False)
+    assert engine_for(cfg, params, no_tool_tokens, tools=True).tools == {}
 
 
 def test_generation_stops_at_the_context_with_its_reason():
