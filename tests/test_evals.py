@@ -249,11 +249,11 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
 
     options = registry.Options(data_dir=str(EVALS), max_new_tokens=8, shots=1, limit=4)
     for name in ("hellaswag", "arc_easy", "mmlu_5shot"):
-        items = registry.TASKS[name].load(options)
-        assert report[name] == mc.summarize(mc.score(cfg, params, tiny_tok, items))
+        task = registry.task(name, options)
+        assert report[name] == mc.summarize(mc.score(cfg, params, tiny_tok, task.problems(task.eval_split, 0, 0)))
     for name in ("gsm8k", "triviaqa", "nq_open", "spelling"):
-        task = registry.TASKS[name]
-        problems = task.load(options)
+        task = registry.task(name, options)
+        problems = task.problems(task.eval_split, 0, 0)
         assert len(problems) == (3 if name in ("triviaqa", "nq_open") else 4)
         expected = generative.evaluate(generative.engine_for(cfg, params, tiny_tok), problems, task.grade, chat=False,
                                        max_new_tokens=8, stop_strings=task.stop_strings).summary()

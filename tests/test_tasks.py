@@ -131,3 +131,37 @@ def test_the_tasks_import_nothing_from_the_conversation_readers():
             "for name in t.NAMES: t.options_of(name)\n"
             "assert 'llm.data.conversations' not in sys.modules, sorted(m for m in sys.modules if m.startswith('llm'))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ----------------------------------------------------------------------------- what the evals need
+
+
+def test_every_eval_entry_loads_a_task_of_its_kind_with_its_fixed_options():
+    from llm.evals import registry
+
+    options = registry.Options(data_dir=str(FIXTURES / "evals"), limit=3, shots=1)
+    for name, entry in registry.TASKS.items():
+        if entry.kind == "bpb":
+            continue
+        task = registry.task(name, options)
+        items = task.problems(task.eval_split, 0, 0)
+        assert task.kind == entry.kind and 0 < len(items) <= 3, name
+        assert (task.grade is None) == (task.kind == "choice"), name
+    five, zero = registry.task("mmlu_5shot", options), registry.task("mmlu", options)  # options.shots is GSM8K's
+    assert [i.context.count("Answer:") for i in five.problems("test", 0, 0)] == [6] * 3
+    assert [i.context.count("Answer:") for i in zero.problems("test", 0, 0)] == [1] * 3
+    assert gsm8k.fewshot_prefix([]) == "" and registry.task("gsm8k", options).problems("test", 0, 0)[0].text.count(
+        "Question:") == 2
+    with pytest.raises(ValueError, match="unknown task 'bpb'"):
+        registry.task("bpb", options)
+
+
+def test_file_tasks_draw_by_seed_and_name_their_splits():
+    task = tasks.load("triviaqa", data_dir=str(FIXTURES / "evals"))
+    everything = task.problems("validation", 0, 0)
+    assert task.eval_split == "validation" and task.stop_strings == ("\n",)
+    assert task.problems("validation", 2, 7) == random.Random(7).sample(everything, 2)
+    with pytest.raises(ValueError, match="'triviaqa' has no split 'train'; its splits: validation"):
+        task.problems("train", 1, 0)
+    arc = tasks.load("arc_easy", data_dir=str(FIXTURES / "evals"), chat=True)
+    assert all(item.messages and item.choices[0] == "A" for item in arc.problems("validation", 0, 0))

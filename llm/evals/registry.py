@@ -1,22 +1,24 @@
-"""The evaluation tasks by name, for `launch.eval`: a new task is one `TASKS` entry.
+"""The evaluation tasks by name, for `launch.eval`: each one of `llm/tasks/` (a new task is one `TASKS` entry).
 
-A bits-per-byte entry reads `options.bpb_source` (`llm.evals.bpb`). A multiple-choice entry gives `items(options) -> list[MultipleChoice]`, scored by
-`llm.evals.multiple_choice`; a generative entry gives `problems(options) ->
-list[Problem]` and `grade`, sampled and graded by `llm.evals.generative`. Data
-come from `options.data_dir` (the public files under the names of
-`../shared/data/README.md`) when there, else from the Hugging Face hub id.
+An entry names its `llm.tasks` task and any options fixed for it (mmlu_5shot:
+five shots); `task(name, options)` loads it with the run's `data_dir` (the
+public files under the names of `../shared/data/README.md` when there, else the
+Hugging Face hub id), `limit`, `chat` and `shots` (GSM8K's few-shot examples for
+a base model). Its evaluation set is its whole `eval_split`: a choice task's
+items are scored by `llm.evals.multiple_choice`, a generative task's problems
+sampled and graded by its own `grade` in `llm.evals.generative`, the rule GRPO
+rewards with. The bits-per-byte entry reads `options.bpb_source` (`llm.evals.bpb`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
+from llm import tasks
 from llm.evals import bpb, generative
 from llm.evals import multiple_choice as mc
-from llm.tasks import choice_sets, gsm8k, qa, spelling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,57 +48,34 @@ class Options:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    kind: str  # "choice", "generative" or "bpb"
-    load: Callable[[Options], list] | None = None
-    grade: Callable[[Any, str], bool] | None = None
-    stop_strings: tuple[str, ...] = ()  # base-model generation stops (generative tasks)
+class Entry:
+    kind: str  # "choice", "generative" (the task's own kind) or "bpb"
+    task: str = ""  # its name in llm.tasks
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # options over the run's
 
 
-def source(options: Options, local: str, hub_id: str) -> str:
-    """`data_dir/local` when it exists, else the hub id."""
-    path = os.path.join(options.data_dir, local)
-    return path if os.path.exists(path) else hub_id
-
-
-def _gsm8k(o: Options) -> list:
-    shots = []
-    if not o.chat and o.shots:
-        shots = choice_sets.read_records(source(o, "gsm8k/train.jsonl", "openai/gsm8k"), split="train",
-                                         subset="main")[:o.shots]
-    return gsm8k.problems(source(o, "gsm8k/test.jsonl", "openai/gsm8k"), fewshot=shots, limit=o.limit)
-
-
-TASKS: dict[str, Task] = {
-    "hellaswag": Task("choice", lambda o: choice_sets.hellaswag(
-        source(o, "evals/hellaswag_val.jsonl", "Rowan/hellaswag"), limit=o.limit)),
-    "arc_easy": Task("choice", lambda o: choice_sets.arc(
-        source(o, "evals/arc_easy_validation.jsonl", "allenai/ai2_arc"), subset="ARC-Easy", chat=o.chat,
-        limit=o.limit)),
-    "arc_challenge": Task("choice", lambda o: choice_sets.arc(
-        source(o, "evals/arc_challenge_validation.jsonl", "allenai/ai2_arc"), subset="ARC-Challenge", chat=o.chat,
-        limit=o.limit)),
-    "mmlu": Task("choice", lambda o: choice_sets.mmlu(
-        source(o, "evals/mmlu_test.jsonl", "cais/mmlu"), chat=o.chat, limit=o.limit)),
-    "mmlu_5shot": Task("choice", lambda o: choice_sets.mmlu(
-        source(o, "evals/mmlu_test.jsonl", "cais/mmlu"), dev=source(o, "evals/mmlu_dev.jsonl", "cais/mmlu"),
-        shots=5, chat=o.chat, limit=o.limit)),
-    "gsm8k": Task("generative", _gsm8k, grade=gsm8k.grade, stop_strings=gsm8k.STOP_STRINGS),
-    # Closed-book QA: right when the reply's first line is, or contains as whole words, a gold alias (`qa.grade`).
-    "triviaqa": Task("generative", lambda o: qa.problems(
-        source(o, "evals/triviaqa_validation.jsonl", "mandarjoshi/trivia_qa"), limit=o.limit, config="rc.nocontext"),
-        grade=qa.grade, stop_strings=("\n",)),
-    "nq_open": Task("generative", lambda o: qa.problems(
-        source(o, "evals/nq_open_validation.jsonl", "google-research-datasets/nq_open"), limit=o.limit,
-        config="nq_open"),
-        grade=qa.grade, stop_strings=("\n",)),
-    # Letter counting on held-out words (the GRPO task): 200 problems unless limited.
-    "spelling": Task("generative", lambda o: spelling.problems(spelling.read_words(next(
-        (p for p in (os.path.join(o.data_dir, "words", f) for f in ("words_alpha.zip", "words_alpha.txt"))
-         if os.path.exists(p)), os.path.join(o.data_dir, "words/words_alpha.zip"))), o.limit or 200),
-        grade=spelling.grade, stop_strings=gsm8k.STOP_STRINGS),
-    "bpb": Task("bpb"),
+TASKS: dict[str, Entry] = {
+    "hellaswag": Entry("choice", "hellaswag"),
+    "arc_easy": Entry("choice", "arc_easy"),
+    "arc_challenge": Entry("choice", "arc_challenge"),
+    "mmlu": Entry("choice", "mmlu", {"shots": 0}),  # options.shots is GSM8K's
+    "mmlu_5shot": Entry("choice", "mmlu", {"shots": 5}),
+    "gsm8k": Entry("generative", "gsm8k"),
+    "triviaqa": Entry("generative", "triviaqa"),  # closed-book: the reply's first line holds a gold alias
+    "nq_open": Entry("generative", "nq_open"),
+    "spelling": Entry("generative", "spelling"),  # letter counting on held-out words (GRPO's task): 200 unless limited
+    "arithmetic": Entry("generative", "arithmetic"),  # held-out problems, 2 to 4 digits: 200 unless limited
+    "bpb": Entry("bpb"),
 }
+
+
+def task(name: str, options: Options) -> tasks.Task:
+    """The `llm.tasks` task of entry `name`, loaded with the run's options."""
+    if name not in TASKS or TASKS[name].kind == "bpb":
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(n for n, e in TASKS.items() if e.task)}")
+    entry = TASKS[name]
+    run = {"data_dir": options.data_dir, "limit": options.limit, "chat": options.chat, "shots": options.shots}
+    return tasks.load(entry.task, **(run | entry.fixed))
 
 
 def run_task(name: str, cfg, params, tokenizer, options: Options, *, mesh=None, rules=None, engine=None,
@@ -106,8 +85,7 @@ def run_task(name: str, cfg, params, tokenizer, options: Options, *, mesh=None, 
     bpb: val_loss, val_bpb)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    task = TASKS[name]
-    if task.kind == "bpb":
+    if TASKS[name].kind == "bpb":
         if mesh is None:
             raise ValueError("bits per byte runs on a mesh: pass mesh and rules")
         figures = bpb.bits_per_byte(cfg, params, tokenizer, options.bpb_source, mesh=mesh, rules=rules,
@@ -116,18 +94,19 @@ def run_task(name: str, cfg, params, tokenizer, options: Options, *, mesh=None, 
         if on_progress is not None:
             on_progress(1)
         return figures
-    data = task.load(options)
+    evaluated = task(name, options)
+    data = evaluated.problems(evaluated.eval_split, 0, 0)
     if on_total is not None:
         on_total(len(data))
-    if task.kind == "choice":
+    if evaluated.kind == "choice":
         scores = mc.score(cfg, params, tokenizer, data, batch_rows=options.batch_rows, row_len=options.row_len,
                           max_len=options.max_len, prefix=tokenizer.document_start if options.bos else (), mesh=mesh,
                           rules=rules, on_progress=on_progress)
         return mc.summarize(scores)
     engine = engine or generative.engine_for(cfg, params, tokenizer, tools=options.tools)
     result = generative.evaluate(
-        engine, data, task.grade, chat=options.chat, n=options.n, ks=options.ks, temperature=options.temperature,
+        engine, data, evaluated.grade, chat=options.chat, n=options.n, ks=options.ks, temperature=options.temperature,
         top_p=options.top_p, max_new_tokens=options.max_new_tokens,
-        stop_strings=() if options.chat else task.stop_strings, batch_size=options.batch_size, seed=options.seed,
+        stop_strings=() if options.chat else evaluated.stop_strings, batch_size=options.batch_size, seed=options.seed,
         on_progress=on_progress)
     return result.summary()

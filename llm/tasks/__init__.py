@@ -90,6 +90,12 @@ _LOADERS = {
     "arithmetic": ("arithmetic", "load"),
     "gsm8k": ("gsm8k", "load"),
     "identity": ("identity", "load"),
+    "triviaqa": ("qa", "load_triviaqa"),
+    "nq_open": ("qa", "load_nq_open"),
+    "hellaswag": ("choice_sets", "load_hellaswag"),
+    "arc_easy": ("choice_sets", "load_arc_easy"),
+    "arc_challenge": ("choice_sets", "load_arc_challenge"),
+    "mmlu": ("choice_sets", "load_mmlu"),
 }
 NAMES = tuple(_LOADERS)
 # Options any task accepts and ignores when it does not use them: configs share these fields across tasks.

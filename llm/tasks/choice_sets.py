@@ -20,7 +20,8 @@ saying so). Prompts are the harness's (`lm_eval/tasks/{hellaswag,arc,mmlu}`):
 
 `chat=True` (ARC, MMLU) gives the question and lettered choices as a user message
 asking for the letter; the choices are then the letter the assistant's reply
-starts with.
+starts with. As tasks (`llm.tasks.load`): hellaswag, arc_easy, arc_challenge,
+mmlu, each of kind "choice" (scored by log-likelihood, `llm.evals.multiple_choice`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from llm.data.sources import DataError, hub_dataset_files
-from llm.tasks import MultipleChoice
+from llm.tasks import MultipleChoice, Task, check_split, draw, find, once
 
 LETTERS = "ABCDEFGHIJ"
 CHAT_INSTRUCTION = "Answer with the letter of the correct choice only."
@@ -190,3 +191,45 @@ def mmlu(source: str, *, dev: str = "", shots: int = 0, chat: bool = False, limi
         records = records[:: max(1, len(records) // limit)]
     dev_records = read_records(dev or source, split="dev", subset="all") if shots else []
     return mmlu_items(records[:limit], dev=dev_records, shots=shots, chat=chat)
+
+
+# ----------------------------------------------------------------------------- as tasks
+
+
+def _task(name: str, split: str, read: Callable[[], list[MultipleChoice]]) -> Task:
+    read = once(read)
+
+    def sample(split_: str, count: int | None = 0, seed: int = 0) -> list[MultipleChoice]:
+        check_split(name, split_, (split,))
+        return draw(read(), count, seed)
+
+    return Task(name, "choice", sample, eval_split=split)
+
+
+def load_hellaswag(path: str = "", data_dir: str = "", limit: int | None = None) -> Task:
+    """HellaSwag validation items from `path`, else `data_dir`'s file, else the hub; the first `limit`."""
+    source = path or find(data_dir, "evals/hellaswag_val.jsonl", "Rowan/hellaswag")
+    return _task("hellaswag", "validation", lambda: hellaswag(source, limit=limit))
+
+
+def _load_arc(name: str, subset: str, path: str, data_dir: str, chat: bool, limit: int | None) -> Task:
+    source = path or find(data_dir, f"evals/{name}_validation.jsonl", "allenai/ai2_arc")
+    return _task(name, "validation", lambda: arc(source, subset=subset, chat=chat, limit=limit))
+
+
+def load_arc_easy(path: str = "", data_dir: str = "", chat: bool = False, limit: int | None = None) -> Task:
+    """ARC-Easy validation items (`chat`: the lettered variant)."""
+    return _load_arc("arc_easy", "ARC-Easy", path, data_dir, chat, limit)
+
+
+def load_arc_challenge(path: str = "", data_dir: str = "", chat: bool = False, limit: int | None = None) -> Task:
+    """ARC-Challenge validation items (`chat`: the lettered variant)."""
+    return _load_arc("arc_challenge", "ARC-Challenge", path, data_dir, chat, limit)
+
+
+def load_mmlu(path: str = "", dev_path: str = "", data_dir: str = "", shots: int = 0, chat: bool = False,
+              limit: int | None = None) -> Task:
+    """MMLU test items with `shots` solved dev examples of the subject (`dev_path`, else `data_dir`'s, else the hub)."""
+    source = path or find(data_dir, "evals/mmlu_test.jsonl", "cais/mmlu")
+    dev = dev_path or find(data_dir, "evals/mmlu_dev.jsonl", "cais/mmlu")
+    return _task("mmlu", "test", lambda: mmlu(source, dev=dev, shots=shots, chat=chat, limit=limit))

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm.tasks import Problem
+from llm.tasks import Problem, Task, check_split, draw, find, once
 
 # The instruction every question is asked with (system message), before and after fine-tuning alike.
 SYSTEM = "Answer the question in one short sentence."
@@ -192,3 +192,27 @@ def problems(source: str, *, skip: int = 0, limit: int | None = None, split: str
     if not Path(source).exists() and source.count("/") == 1 and not source.startswith("."):
         return read_hub(source, split, config=config, skip=skip, limit=limit)
     return read_jsonl(source, skip=skip, limit=limit)
+
+
+def _load(name: str, local: str, hub_id: str, config: str, path: str, data_dir: str, limit: int | None) -> Task:
+    source = path or find(data_dir, local, hub_id)
+    read = once(lambda: problems(source, limit=limit, config=config))
+
+    def sample(split: str, count: int | None = 0, seed: int = 0) -> list[Problem]:
+        check_split(name, split, ("validation",))
+        return draw(read(), count, seed)
+
+    # The reply's first line is graded, so a base model's answer ends with its line.
+    return Task(name, "generative", sample, grade, ("\n",), eval_split="validation")
+
+
+def load_triviaqa(path: str = "", data_dir: str = "", limit: int | None = None) -> Task:
+    """TriviaQA (rc.nocontext) validation questions from `path`, else `data_dir`'s file, else the hub; first `limit`."""
+    return _load("triviaqa", "evals/triviaqa_validation.jsonl", "mandarjoshi/trivia_qa", "rc.nocontext", path,
+                 data_dir, limit)
+
+
+def load_nq_open(path: str = "", data_dir: str = "", limit: int | None = None) -> Task:
+    """Natural Questions (open) validation questions from `path`, else `data_dir`'s file, else the hub."""
+    return _load("nq_open", "evals/nq_open_validation.jsonl", "google-research-datasets/nq_open", "nq_open", path,
+                 data_dir, limit)
