@@ -241,6 +241,19 @@ def test_a_source_weight_is_its_share_of_the_mixture_size():
         sft.load_mixture(dc, 0.0)
 
 
+def test_a_source_is_a_reader_or_a_task_and_a_misspelt_option_is_an_error_naming_it():
+    dc = sft.base_sft_config().data
+    dc.sources = {"spelling": dict(kind="spelling", path=WORDS, epochs=1.0, n=40, seeed=1)}
+    with pytest.raises(ValueError, match=r"data.sources.spelling: .*'seeed'.*conversations take n, seed, split"):
+        sft.load_mixture(dc, 0.0)
+    dc.sources = {"words": dict(kind="wordlist", path=WORDS, epochs=1.0)}
+    with pytest.raises(ValueError, match=r"unknown kind 'wordlist'; a reader \(openai, .*\) or a task \(spelling, "):
+        sft.load_mixture(dc, 0.0)
+    dc.sources = {"trivia": dict(kind="triviaqa", epochs=1.0)}
+    with pytest.raises(ValueError, match="task 'triviaqa' contributes no conversations"):
+        sft.load_mixture(dc, 0.0)
+
+
 # ----------------------------------------------------------------------------- sources
 
 

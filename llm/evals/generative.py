@@ -84,7 +84,7 @@ def evaluate(
     if any(k > n for k in ks):
         raise ValueError(f"pass@k needs k <= n samples per problem, got ks={ks} with n={n}")
     tokenizer = engine.tokenizer
-    stop_ids = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot))) if chat else (tokenizer.eot,)
+    stop_ids = tokenizer.chat_stop_ids if chat else (tokenizer.eot,)
     room = engine.cfg.max_seq_len - max_new_tokens
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "

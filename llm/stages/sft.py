@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 
 import jax
@@ -103,6 +104,12 @@ def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
                               **({"path": spec.path} if "path" in spec else {}))
             if task.conversations is None:
                 raise ValueError(f"data.sources.{name}: task {spec.kind!r} contributes no conversations")
+            signature = inspect.signature(task.conversations)
+            try:
+                signature.bind(**options)
+            except TypeError as e:
+                raise ValueError(f"data.sources.{name}: {e}; task {spec.kind!r} loads with {', '.join(takes)} and "
+                                 f"its conversations take {', '.join(signature.parameters) or 'nothing'}") from None
             found, task_of[name] = conv.collect(task.conversations(**options)), task
         else:
             raise ValueError(f"data.sources.{name}: unknown kind {spec.kind!r}; a reader "
@@ -280,7 +287,7 @@ def _greedy(cfg, host_params, tokenizer: Tokenizer, conversations: list[list[Mes
     # A reply that reaches the model's context stops there ("context") and counts as not ending its turn.
     prompts = [tokenizer.render_for_completion(messages) for messages in conversations]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                              stop_token_ids=tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot))))
+                              stop_token_ids=tokenizer.chat_stop_ids)
     return [s for [s] in engine.generate(prompts, sampling)] if prompts else []
 
 
