@@ -115,7 +115,7 @@ def options_of(name: str, /) -> tuple[str, ...]:
 
 
 def load(name: str, /, **options: Any) -> Task:
-    """The task `name`, its files read once (on first use); options as its loader documents them."""
+    """The task `name` with the options its loader documents; it reads each of its files at most once."""
     takes = options_of(name)
     unknown = [k for k in options if k not in takes and k not in GENERIC]
     if unknown:
