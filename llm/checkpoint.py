@@ -6,8 +6,10 @@
 
 Each step directory holds `state` (params, optimizer state, step), `config` (the
 ConfigDict as JSON), `tokenizer` (its rank file and metadata as JSON), `run` (what
-identifies the run beyond the config: stage, process count) and, when a grain
-iterator is given, `data` (its position, through grain's orbax handler). Writes are
+identifies the run beyond the config: stage, process count), when a grain
+iterator is given, `data` (its position, through grain's orbax handler), and when
+the stage keeps state of its own (RLHF's monitor), `stage` (that state as JSON), so
+it always belongs to the step it is saved with. Writes are
 asynchronous and atomic: orbax writes into a temporary directory and renames it
 when complete, so a killed run leaves only whole steps behind. A step that is
 whole on disk but unreadable (a truncated file) is reported and skipped in favour
@@ -35,6 +37,7 @@ class Restored:
     opt_state: Any
     config: ml_collections.ConfigDict
     tokenizer: Tokenizer
+    stage_state: dict | None = None  # the stage's own state at this step, when it keeps one
 
 
 class Checkpointer:
@@ -45,7 +48,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def save(self, step: int, params: Any, opt_state: Any, *, config: ml_collections.ConfigDict,
-             tokenizer: Tokenizer, data_iterator: Any = None, run: dict | None = None) -> None:
+             tokenizer: Tokenizer, data_iterator: Any = None, run: dict | None = None,
+             stage_state: dict | None = None) -> None:
         """Starts writing `step` in the background; the previous write is finished (and checked) first."""
         items = {
             "state": ocp.args.StandardSave({"params": params, "opt_state": opt_state, "step": step}),
@@ -57,6 +61,8 @@ class Checkpointer:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if stage_state is not None:
+            items["stage"] = ocp.args.JsonSave(stage_state)
         self.wait()  # orbax finishes the previous write before it starts this one anyway; this also checks it
         if not self.manager.save(step, args=ocp.args.Composite(**items), force=True):
             raise RuntimeError(f"checkpoint step {step} was not written to {self.manager.directory}")
@@ -138,12 +144,15 @@ class Checkpointer:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if os.path.isdir(os.path.join(os.fspath(self.manager.directory), str(step), "stage")):
+            items["stage"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = restored["state"]
         return Restored(
             step=int(state["step"]), params=state["params"], opt_state=state["opt_state"],
             config=ml_collections.ConfigDict(_lists_to_tuples(restored["config"])),
             tokenizer=_tokenizer_from_json(restored["tokenizer"]),
+            stage_state=restored.get("stage"),
         )
 
     def close(self) -> None:

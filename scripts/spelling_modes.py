@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from llm.config import load_config
+from llm.generate import engine_for
 from llm.stages import grpo
-from llm.train import loop
+from llm.train import rollouts
+from llm.train.start import load_init_from
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "grpo_tiny.py")
 
@@ -27,16 +29,16 @@ CONFIG = str(Path(__file__).parents[1] / "configs" / "grpo_tiny.py")
 def modes(source: str) -> str:
     config = load_config(CONFIG, [f"--config.init_from={source}"])
     rc = config.rl
-    cfg, params, tokenizer = loop.load_init_from(config)
-    task = grpo.make_task(config.data)
-    problems = task.test_problems(rc.eval_problems, rc.eval_seed)
-    groups = grpo.sample_problems(grpo.engine_for(cfg, params, tokenizer, rc.tools), tokenizer, problems,
-                                  n=rc.eval_samples, temperature=rc.eval_temperature,
-                                  max_new_tokens=rc.max_new_tokens, seed=rc.eval_seed)
+    cfg, params, tokenizer = load_init_from(config)
+    task = grpo.load_task(config.data)
+    problems = task.problems("test", rc.eval_problems, rc.eval_seed)
+    groups = rollouts.sample_problems(engine_for(cfg, params, tokenizer, rc.tools), tokenizer, problems,
+                                      n=rc.eval_samples, temperature=rc.eval_temperature,
+                                      max_new_tokens=rc.max_new_tokens, seed=rc.eval_seed)
     samples = [(p, s) for p, group in zip(problems, groups) for s in group]
     # " So '" opens the spelling's closing sentence; a direct answer lacks it.
     spelled_S = np.asarray([" So '" in s.text for _, s in samples])
-    right_S = np.asarray([grpo.sample_reward(task.reward, p, s, rc.require_stop) == 1.0 for p, s in samples])
+    right_S = np.asarray([rollouts.sample_reward(task.reward, p, s, rc.require_stop) == 1.0 for p, s in samples])
 
     def rate(mask) -> str:
         return f"{right_S[mask].mean():.3f} of {mask.sum()}" if mask.any() else "none"

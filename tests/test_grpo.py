@@ -4,6 +4,7 @@ Every expected number below is worked out by hand in the comments beside it, so
 a wrong aggregation, clip side or KL estimator gives a different number.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -16,7 +17,6 @@ import pytest
 from llm import model
 from llm.config import ModelConfig
 from llm.train.losses import grpo_loss, grpo_loss_fn, token_logprobs
-from llm.train.rl import group_advantages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(family="llama", vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, mlp_dim=64,
@@ -171,33 +171,6 @@ def test_one_step_on_fresh_rollouts_is_the_plain_policy_gradient():
     assert float(grpo_loss_fn(CFG, params, batch)[1]) == 6 + 5  # completion targets: 6 in row 0, 5 in row 1
 
 
-# ----------------------------------------------------------------------------- advantages by hand
-
-
-def test_group_advantages_by_hand_equal_groups_give_zero_never_nan():
-    rewards = np.array([[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]], float)
-    # group: row 0 mean 0.5, std 0.5 -> +-1; row 3 mean 0.25, std sqrt(0.25 * 0.75) = 0.4330127
-    #        -> 0.75 / 0.4330127 = 1.7320508, -0.25 / 0.4330127 = -0.5773503; rows 1 and 2 all equal -> 0
-    adv, degenerate = group_advantages(rewards, "group")
-    np.testing.assert_allclose(adv, [[1, -1, -1, 1], [0] * 4, [0] * 4, [1.7320508, -0.5773503, -0.5773503,
-                                                                          -0.5773503]], rtol=1e-6)
-    assert degenerate.tolist() == [False, True, True, False]
-    # none: the centred rewards; row 3 -> 0.75, -0.25, -0.25, -0.25
-    adv, _ = group_advantages(rewards, "none")
-    np.testing.assert_allclose(adv[[0, 3]], [[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]])
-    # batch: 7 ones of 16 rewards, std sqrt(0.4375 * 0.5625) = 0.4960783 -> row 0: +-0.5 / 0.4960783 = +-1.0079053,
-    # row 3: 0.75 / 0.4960783 = 1.5118579, -0.25 / 0.4960783 = -0.5039526
-    adv, _ = group_advantages(rewards, "batch")
-    np.testing.assert_allclose(adv[0], [1.0079053, -1.0079053, -1.0079053, 1.0079053], rtol=1e-6)
-    np.testing.assert_allclose(adv[3], [1.5118579, -0.5039526, -0.5039526, -0.5039526], rtol=1e-6)
-    # Equal non-binary rewards whose float mean is not exactly themselves: still exactly 0.
-    for scale in ("group", "batch", "none"):
-        adv, degenerate = group_advantages(np.full((2, 3), 0.1), scale)
-        assert np.all(adv == 0.0) and degenerate.all()
-    with pytest.raises(ValueError, match="scale"):
-        group_advantages(rewards, "rank")
-
-
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -270,43 +243,26 @@ def test_arithmetic_problems_are_right_held_out_and_graded_by_their_final_answer
 # ----------------------------------------------------------------------------- the stage
 
 
-def test_rollout_rows_train_on_sampled_completion_tokens_only_not_prompt_padding_or_forced_tool_output():
-    from llm.generate import Sample
-    from llm.stages.grpo import rollout_rows
-
-    # Prompt 5 6 7; completion 8 (sampled) 9 10 (forced tool output) 11 (sampled).
-    sample = Sample([8, 9, 10, 11], [-1.0, 0.0, 0.0, -2.0], [False, True, True, False], "stop")
-    rows = rollout_rows([[5, 6, 7]], [[sample]], width=8)
-    assert rows["inputs"].tolist() == [[5, 6, 7, 8, 9, 10, 0, 0]]
-    assert rows["targets"].tolist() == [[6, 7, 8, 9, 10, 11, 0, 0]]
-    # Target j predicts token j + 1: 8 and 11 are trained; the prompt's 6, 7, the tool's 9, 10 and padding are not.
-    assert rows["loss_mask"].tolist() == [[0, 0, 1, 0, 0, 1, 0, 0]]
-    with pytest.raises(ValueError, match="seq_len"):
-        rollout_rows([[5, 6, 7]], [[sample]], width=5)
-
-
 def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, monkeypatch, capsys):
     import json
 
     from llm.config import load_config
-    from llm.data import conversations as conv
     from llm.stages import grpo
     from llm.tasks import spelling
     from llm.tokenizer import train_bpe
 
     words = spelling.read_words(WORDS)
-    texts = [m["content"] for w in words[:150] for m in conv.spelling_messages(w, w[0])]
+    texts = [m["content"] for w in words[:150] for m in spelling.spelling_messages(w, w[0])]
     tok_path = str(tmp_path / "tok.tiktoken")
     train_bpe(texts, 384, name="spell", progress=False).save(tok_path)
-    real = grpo.make_task
+    real = grpo.load_task
 
     def task_with_signal(dc):
         # A random model never counts right; reward an even-length reply instead (about half the samples, so
         # groups differ and steps move: an "e" anywhere was in every sample of some steps).
-        task = real(dc)
-        return grpo.Task(task.train_problems, task.test_problems, lambda p, text: float(len(text) % 2 == 0))
+        return dataclasses.replace(real(dc), grade=lambda p, text: len(text) % 2 == 0)
 
-    monkeypatch.setattr(grpo, "make_task", task_with_signal)
+    monkeypatch.setattr(grpo, "load_task", task_with_signal)
     overrides = ["--config.init_from=", f"--config.data.tokenizer={tok_path}", "--config.model.vocab_size=384",
                  "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.mlp_dim=64",
                  "--config.model.max_seq_len=96", f"--config.data.path={WORDS}", "--config.data.prompts_per_step=4",
@@ -324,7 +280,7 @@ def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, 
     steps = {r["step"]: r for r in rows if "loss" in r}
     assert sorted(steps) == [1, 2, 3, 4]
     for step in (1, 3):  # a fresh rollout every mu = 2 steps, with its figures
-        for key in ("reward", "pass1_batch", "solved_all", "solved_none", "completion_len", "rollout_s",
+        for key in ("task_reward", "pass1_batch", "solved_all", "solved_none", "completion_len", "rollout_s",
                     "rollout_tok_s", "clip_fraction", "kl", "entropy"):
             assert key in steps[step], (step, key)
     assert "rollout_s" not in steps[2] and "clip_fraction" in steps[2]

@@ -14,6 +14,7 @@ import pytest
 
 from llm import model, reward_model
 from llm.config import ModelConfig, load_config
+from llm.data import pair_rows
 from llm.data import preferences as prefs
 from llm.tokenizer import Tokenizer, train_bpe
 from llm.train import losses
@@ -141,7 +142,7 @@ def test_hub_pairs_offline_fail_with_a_clear_message(tmp_path):
 
 def test_rendering_masks_only_the_reply_and_drops_pairs_longer_than_the_row(tok):
     pairs = prefs.read_pairs(HH).items[:6]
-    rows = prefs.render_pairs(pairs, tok, 64)
+    rows = pair_rows.render_pairs(pairs, tok, 64)
     kept = {k: i for i, k in enumerate(rows.keys)}
     for pair in pairs:
         if pair.key not in kept:
@@ -154,7 +155,7 @@ def test_rendering_masks_only_the_reply_and_drops_pairs_longer_than_the_row(tok)
             assert list(tokens[:len(prompt)]) == prompt and not mask[:len(prompt)].any()
             assert tok.decode(tokens[len(prompt):n][mask[len(prompt):n] > 0]).startswith(getattr(pair, side))
             assert tokens[n - 1] == tok.end_of_turn and mask[n - 1] == 1 and not mask[n:].any()
-    short = prefs.render_pairs(pairs, tok, 24)
+    short = pair_rows.render_pairs(pairs, tok, 24)
     assert len(short) + short.dropped["longer than the row"] == len(pairs) and short.dropped
 
 
@@ -190,7 +191,7 @@ def test_dpo_by_hand_with_label_smoothing():
 
 def test_dpo_sequence_logprobs_sum_the_reply_tokens_and_length_normalisation_averages_them(tok):
     params = model.init_params(CFG, jax.random.key(0))
-    rows = prefs.render_pairs(prefs.read_pairs(HH).items[:4], tok, 96)
+    rows = pair_rows.render_pairs(prefs.read_pairs(HH).items[:4], tok, 96)
     tokens, mask = jnp.asarray(rows.arrays["chosen_tokens"]), jnp.asarray(rows.arrays["chosen_mask"])
     every = losses.token_logprobs(CFG, params, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
     expected = np.sum(np.asarray(every) * rows.arrays["chosen_mask"][:, 1:], axis=1)
@@ -236,7 +237,7 @@ def test_a_score_is_the_same_alone_and_in_a_padded_batch_and_after_save_and_load
 def test_the_frozen_backbone_reward_model_changes_only_the_head(tok):
     import optax
 
-    rows = prefs.render_pairs(prefs.read_pairs(HH).items[:8], tok, 96)
+    rows = pair_rows.render_pairs(prefs.read_pairs(HH).items[:8], tok, 96)
     batch = {k: v[None] for k, v in rows.take(np.arange(4)).items()} | {"weights": np.ones((1, 4), np.float32)}
     params = _reward_params()
     loss_fn = lambda p, b, r: losses.reward_loss_fn(CFG, p, b, r)  # noqa: E731
@@ -312,7 +313,7 @@ def test_dpo_reference_logprobs_are_the_starting_policy_s_and_the_same_on_eight_
     from llm.stages import dpo
 
     params = jax.tree.map(np.asarray, model.init_params(CFG, jax.random.key(3)))
-    rows = prefs.render_pairs(prefs.read_pairs(HH).items[:11], tok, 97)  # 11 pairs: batches of 4 end padded
+    rows = pair_rows.render_pairs(prefs.read_pairs(HH).items[:11], tok, 97)  # 11 pairs: batches of 4 end padded
     direct = np.asarray(losses.sequence_logprobs(CFG, params, jnp.asarray(rows.arrays["chosen_tokens"]),
                                                  jnp.asarray(rows.arrays["chosen_mask"])))
     for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):

@@ -11,6 +11,7 @@ from llm import reward_model
 from llm.config import ModelConfig, load_config
 from llm.stages import rlhf
 from llm.tasks import Problem
+from llm.train.monitor import HackingMonitor, distinct_n
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = os.path.join(ROOT, "tests", "fixtures", "chat", "words_alpha_slice.txt")
@@ -30,13 +31,13 @@ def test_gold_score_puts_a_right_answer_first_then_shortness_and_a_wrong_one_at_
 
 def test_distinct_n_by_hand():
     # unigrams: 1 2 1 2 | 3 -> 3 distinct of 5; bigrams: (1,2) (2,1) (1,2) -> 2 of 3 (the one-token sample has none)
-    assert rlhf.distinct_n([[1, 2, 1, 2], [3]], 1) == pytest.approx(3 / 5)
-    assert rlhf.distinct_n([[1, 2, 1, 2], [3]], 2) == pytest.approx(2 / 3)
-    assert rlhf.distinct_n([[7]], 2) == 0.0
+    assert distinct_n([[1, 2, 1, 2], [3]], 1) == pytest.approx(3 / 5)
+    assert distinct_n([[1, 2, 1, 2], [3]], 2) == pytest.approx(2 / 3)
+    assert distinct_n([[7]], 2) == 0.0
 
 
 def test_the_monitor_keeps_the_best_judge_and_alarms_after_patience_evaluations_of_proxy_up_judge_down():
-    monitor = rlhf.HackingMonitor(patience=2)
+    monitor = HackingMonitor(patience=2)
     #        step  proxy judge  -> best?  why
     seq = [(0, 0.0, 0.50),  # best (first)
            (10, 0.5, 0.70),  # best
@@ -58,27 +59,28 @@ def test_the_monitor_keeps_the_best_judge_and_alarms_after_patience_evaluations_
     # A new best withdraws the alarm, and says so.
     best, message = monitor.update(70, 2.0, 0.75)
     assert best and monitor.alarm is None and "alarm of step 50 is withdrawn" in message and len(monitor.alarms) == 1
-    restored = rlhf.HackingMonitor(patience=2)
+    restored = HackingMonitor(patience=2)
     restored.restore(json.loads(json.dumps(monitor.state())))
     assert restored.state() == monitor.state()
 
 
 def test_a_judge_drop_within_its_noise_does_not_count():
     # best 0.70 +- 0.05 (standard error); z 1.64: a drop counts only beyond 1.64 * hypot(0.05, 0.05) = 0.116
-    monitor = rlhf.HackingMonitor(patience=1)
+    monitor = HackingMonitor(patience=1)
     monitor.update(0, 0.0, 0.70, 0.05)
     assert monitor.update(10, 1.0, 0.60, 0.05) == (False, "") and monitor.alarm is None  # 0.10 < 0.116
     best, message = monitor.update(20, 1.0, 0.58, 0.05)  # 0.12 > 0.116
     assert not best and message.startswith("reward hacking") and monitor.alarm["step"] == 20
 
 
-def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_the_alarm(tmp_path, monkeypatch):
-    from llm.data import conversations as conv
+def _tiny_rlhf(tmp_path):
+    """Overrides of the over-optimisation config for a fresh 2-layer policy on letter counting, with a reward model
+    whose head reads the last hidden state linearly, saved in tmp_path."""
     from llm.tasks import spelling
     from llm.tokenizer import Tokenizer, train_bpe
 
     words = spelling.read_words(WORDS)
-    texts = [m["content"] for w in words[:150] for m in conv.spelling_messages(w, w[0])]
+    texts = [m["content"] for w in words[:150] for m in spelling.spelling_messages(w, w[0])]
     tok_path = str(tmp_path / "tok.tiktoken")
     train_bpe(texts, 384, name="spell", progress=False).save(tok_path)
     cfg = ModelConfig(family="llama", vocab_size=384, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, mlp_dim=64,
@@ -86,8 +88,17 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
     params = reward_model.init_params(cfg, jax.random.key(1))
     params["head"] = {"kernel": np.linspace(-1, 1, cfg.n_embd).astype(np.float32), "bias": np.float32(0.0)}
     reward_model.save(str(tmp_path / "rm"), cfg, jax.device_get(params), Tokenizer.load(tok_path))
+    return ["--config.init_from=", f"--config.data.tokenizer={tok_path}", "--config.model.vocab_size=384",
+            "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.mlp_dim=64",
+            "--config.model.max_seq_len=96", "--config.data.task=spelling", f"--config.data.path={WORDS}",
+            "--config.rlhf.gold=rule", "--config.data.prompts_per_step=4",
+            "--config.data.samples_per_prompt=4", "--config.data.seq_len=80", "--config.rl.max_new_tokens=16",
+            "--config.rl.eval_problems=8", "--config.rl.require_stop=False", "--config.rlhf.gold_problems=4",
+            f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.optimizer.learning_rate=1e-2"]
 
-    class AlarmAtThirdEvaluation(rlhf.HackingMonitor):
+
+def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_the_alarm(tmp_path, monkeypatch):
+    class AlarmAtThirdEvaluation(HackingMonitor):
         def update(self, step, proxy, judge, judge_se=0.0):
             best, message = super().update(step, proxy, judge, judge_se)
             if len(self.history) == 3 and self.alarm is None:
@@ -95,22 +106,15 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
             return best, message
 
     monkeypatch.setattr(rlhf, "HackingMonitor", AlarmAtThirdEvaluation)
-    overrides = ["--config.init_from=", f"--config.data.tokenizer={tok_path}", "--config.model.vocab_size=384",
-                 "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.mlp_dim=64",
-                 "--config.model.max_seq_len=96", "--config.data.task=spelling", f"--config.data.path={WORDS}",
-                 "--config.rlhf.gold=rule", "--config.data.prompts_per_step=4",
-                 "--config.data.samples_per_prompt=4", "--config.data.seq_len=80", "--config.rl.max_new_tokens=16",
-                 "--config.rl.eval_problems=8", "--config.rl.require_stop=False", "--config.rlhf.gold_problems=4",
-                 f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.rlhf.stop_on_hacking=True",
-                 "--config.optimizer.learning_rate=1e-2", "--config.train.eval_every=1", "--config.train.steps=5",
-                 "--config.train.checkpoint_every=5"]
+    overrides = _tiny_rlhf(tmp_path) + ["--config.rlhf.stop_on_hacking=True", "--config.train.eval_every=1",
+                                        "--config.train.steps=5", "--config.train.checkpoint_every=5"]
     workdir = tmp_path / "run"
     summary = rlhf.run(load_config(os.path.join(ROOT, "configs", "overoptimization_tiny.py"), overrides), str(workdir))
     assert summary.step == 2  # evaluations at steps 0, 1, 2: the alarm at the third stops the run there
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     steps = {r["step"]: r for r in rows if "loss" in r}
     assert sorted(steps) == [1, 2]
-    for key in ("proxy_reward", "judge_reward", "reward", "kl", "entropy", "completion_len"):
+    for key in ("proxy_reward", "judge_reward", "kl", "entropy", "completion_len"):
         assert key in steps[1], key
     evals = [r for r in rows if "eval/proxy" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
@@ -118,10 +122,66 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
     for key in ("eval/judge", "eval/gold", "eval/length", "eval/distinct_2", "monitor/best_judge_step"):
         assert key in evals[-1], key
     assert evals[-1]["monitor/alarm"] == 1.0
+    assert "reward" not in steps[1]  # the batch-normalised proxy (0 by construction) is not logged as a reward
     assert (workdir / "best_judge" / "model.safetensors").exists() and (workdir / "rlhf.png").exists()
     report = (workdir / "report.md").read_text()
     assert "Reward hacking detected at step 2" in report and "Gold (on prompts the monitor never sees)" in report
     assert (workdir / "checkpoints" / "2").exists()  # the stopping step is checkpointed
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_the_monitor_and_best_judge_of_that_checkpoint(tmp_path, monkeypatch):
+    """Evaluations at steps 0, 2, 4, 6 and checkpoints at 3 and 6; the run dies at step 5, after step 4's evaluation
+    found a new best that the resumed run, replaying steps 4-6, does not reach (as when its schedule changed): the
+    resumed run must not keep that best, in its record or in best_judge/."""
+    import functools
+
+    from llm.checkpoint import Checkpointer
+    from llm.train import loop
+
+    judged = {"crashed": {0: 0.5, 2: 0.6, 4: 0.9}, "replayed": {0: 0.5, 2: 0.6, 4: 0.4, 6: 0.3}}
+    trajectory = {"now": "replayed"}
+
+    class ScriptedJudge(HackingMonitor):  # the judge's score by step, as the trajectory of the moment has it
+        def update(self, step, proxy, judge, judge_se=0.0):
+            return super().update(step, proxy, judged[trajectory["now"]][step], 0.0)
+
+    class Crash(Exception):
+        pass
+
+    def dies_at_step_5(config, workdir):
+        stage = rlhf.build(config, workdir)
+        rollout = stage.rollout
+
+        def maybe_die(params, step):
+            if step == 5:
+                raise Crash
+            return rollout(params, step)
+
+        stage.rollout = maybe_die
+        return stage
+
+    monkeypatch.setattr(rlhf, "HackingMonitor", ScriptedJudge)
+    # The kill is in-process: step 3's write must be whole on disk, as it is when a process dies after it.
+    monkeypatch.setattr(loop, "Checkpointer", functools.partial(Checkpointer, async_writes=False))
+    config = load_config(os.path.join(ROOT, "configs", "overoptimization_tiny.py"), _tiny_rlhf(tmp_path) + [
+        "--config.train.eval_every=2", "--config.train.checkpoint_every=3", "--config.train.steps=6"])
+    rlhf.run(config, str(tmp_path / "uninterrupted"))
+
+    trajectory["now"] = "crashed"
+    with pytest.raises(Crash):
+        loop.run(rlhf.NAME, dies_at_step_5, config, str(tmp_path / "resumed"))
+    assert os.readlink(tmp_path / "resumed" / "best_judge") == os.path.join("best_judge.steps", "4")
+    trajectory["now"] = "replayed"
+    rlhf.run(config, str(tmp_path / "resumed"))
+
+    records = [json.loads((tmp_path / run / "monitor.json").read_text()) for run in ("uninterrupted", "resumed")]
+    assert records[0] == records[1] and [p["step"] for p in records[1]["history"]] == [0, 2, 4, 6]
+    assert records[1]["best"]["step"] == 2
+    for run in ("uninterrupted", "resumed"):
+        assert os.readlink(tmp_path / run / "best_judge") == os.path.join("best_judge.steps", "2")
+    kept = [(tmp_path / run / "best_judge" / "model.safetensors").read_bytes() for run in ("uninterrupted", "resumed")]
+    assert kept[0] == kept[1]
+    assert not (tmp_path / "resumed" / "best_judge.steps" / "4").exists()  # the lost trajectory's best is gone
 
 
 def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold_out_by_prompt(tmp_path):
@@ -140,10 +200,10 @@ def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold
     reward_model.save(str(tmp_path / "judge"), cfg, jax.device_get(params), tok)
     data = ml_collections.ConfigDict({"pairs_kind": "jsonl", "path": hh, "held_out_fraction": 0.1})
     task = rlhf.pair_prompts(data)
-    train, test = task.train_problems(0, 1000), task.test_problems(1000, 0)
+    train, test = task.problems("train", 1000, 0), task.problems("test", 1000, 0)
     assert train and test and not {p.key for p in train} & {p.key for p in test}
     data.held_out_fraction = 0.3  # holds out more prompts, those of the smaller fraction among them
-    more = {p.key for p in rlhf.pair_prompts(data).test_problems(1000, 0)}
+    more = {p.key for p in rlhf.pair_prompts(data).problems("test", 1000, 0)}
     assert more > {p.key for p in test}
     data.held_out_fraction = 1.0
     with pytest.raises(ValueError, match="held_out_fraction"):

@@ -27,12 +27,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm import model, sharding
-from llm.config import model_config
-from llm.data import preferences as prefs
-from llm.data.pipeline import HostBatches
-from llm.stages.reward import base_reward_config, check_pair_stage, held_out_evaluator
-from llm.tokenizer import Tokenizer
+from llm.data import pair_rows
 from llm.train import loop
+from llm.train.pairs import base_pair_config, check_pair_stage, held_out_evaluator, pair_batches
+from llm.train.start import load_start
 from llm.train.losses import dpo_loss_fn, sequence_logprobs
 
 NAME = "dpo"
@@ -45,9 +43,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
 
 def base_dpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
                     ) -> ml_collections.ConfigDict:
-    """The reward stage's pair data (data.*) and DPO's knobs (dpo.*); configs start here."""
-    config = base_reward_config(model_name, sharding_name, data_dir)
-    del config.reward
+    """The pair sources (data.*) and DPO's knobs (dpo.*); configs start here."""
+    config = base_pair_config(model_name, sharding_name, data_dir)
     config.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,  # the implicit reward's scale (the KL penalty's inverse strength)
         label_smoothing=0.0,  # conservative DPO: the probability that a label is flipped
@@ -59,15 +56,13 @@ def base_dpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     dc, pc = config.data, config.dpo
-    if config.init_from:
-        cfg, initial_params, tokenizer = loop.load_init_from(config)
-    else:  # a fresh policy (tests): its own init is the reference
-        cfg, tokenizer = model_config(config), Tokenizer.load(dc.tokenizer)
+    cfg, initial_params, tokenizer = load_start(config)
+    if initial_params is None:  # a fresh policy (tests): its own init is the reference
         initial_params = jax.tree.map(np.asarray, model.init_params(cfg, jax.random.key(config.seed)))
     micro_batch = check_pair_stage(config, cfg, tokenizer)
     # A row holds W = seq_len + 1 tokens: the model reads the first seq_len and predicts the last seq_len.
-    train_parts, val_parts, lines = prefs.load_sources(dc.sources, tokenizer, dc.seq_len + 1, dc.val_fraction)
-    train = prefs.concat_rows(train_parts)
+    train_parts, val_parts, lines = pair_rows.load_sources(dc.sources, tokenizer, dc.seq_len + 1, dc.val_fraction)
+    train = pair_rows.concat_rows(train_parts)
     if jax.process_index() == 0:
         print("dpo data:\n  " + "\n  ".join(lines))
 
@@ -80,14 +75,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         add_reference_logprobs(logp_fn, reference, rows, micro_batch, mesh, rules)
     del reference
 
-    num_shards = dc.num_shards or jax.process_count()
-    batches = HostBatches(
-        lambda i, n: prefs.pair_batches(train, batch_size=micro_batch, seed=config.seed, process_index=i,
-                                        process_count=n), num_shards, jax.process_index(), jax.process_count())
+    batches = pair_batches(config, train, micro_batch)
     loss_fn = functools.partial(dpo_loss_fn, cfg, beta=pc.beta, label_smoothing=pc.label_smoothing,
                                 length_normalize=pc.length_normalize)
 
-    val_batches = {name: prefs.padded_pair_batches(rows, micro_batch, jax.process_index(), jax.process_count())
+    val_batches = {name: pair_rows.padded_pair_batches(rows, micro_batch, jax.process_index(), jax.process_count())
                    for name, rows in val_parts.items() if len(rows)}
     evaluate = held_out_evaluator(loss_fn, val_batches, mesh, rules, dpo_figures)
 
@@ -107,7 +99,7 @@ def _pair_logprobs(cfg, mesh, rules, length_normalize, params, batch):
                                        length_normalize=length_normalize) for side in ("chosen", "rejected"))
 
 
-def add_reference_logprobs(logp_fn, params, rows: prefs.PairRows, micro_batch: int, mesh, rules) -> None:
+def add_reference_logprobs(logp_fn, params, rows: pair_rows.PairRows, micro_batch: int, mesh, rules) -> None:
     """Writes `ref_chosen_logp` and `ref_rejected_logp` [N] into `rows.arrays`: the reference's log-probabilities.
 
     Every process takes part in every batch (its slice of the pairs) and gets
@@ -116,7 +108,7 @@ def add_reference_logprobs(logp_fn, params, rows: prefs.PairRows, micro_batch: i
     count, local = jax.process_count(), micro_batch // jax.process_count()
     chosen, rejected = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
     slices = [np.arange(len(rows))[p::count] for p in range(count)]
-    for b, batch in enumerate(prefs.padded_pair_batches(rows, micro_batch, jax.process_index(), count)):
+    for b, batch in enumerate(pair_rows.padded_pair_batches(rows, micro_batch, jax.process_index(), count)):
         c_B, r_B = jax.device_get(logp_fn(params, sharding.shard_batch(batch, mesh, rules)))
         for p, mine in enumerate(slices):  # global row j of the batch is process j // local's row j % local
             index = mine[b * local:(b + 1) * local]

@@ -19,13 +19,13 @@ import ml_collections
 import numpy as np
 
 from llm import model, sharding
-from llm.config import model_config
 from llm.data.pipeline import HostBatches, make_pipeline
 from llm.data.sources import open_source, training_texts
 from llm.evals import bpb
 from llm.generate import Engine, SamplingParams
 from llm.tokenizer import Tokenizer, train_bpe
 from llm.train import loop
+from llm.train.start import host_batches, load_start, micro_batch_size
 from llm.train.losses import lm_loss
 
 NAME = "pretrain"
@@ -38,25 +38,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     dc, tc = config.data, config.train
-    if config.init_from:
-        cfg, initial_params, tokenizer = loop.load_init_from(config)
-    else:
-        cfg, initial_params, tokenizer = model_config(config), None, load_or_train_tokenizer(config, workdir)
-    if tokenizer.n_vocab > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids but model.vocab_size is "
-                         f"{cfg.vocab_size}; set --config.model.vocab_size={tokenizer.n_vocab} or larger")
-    if dc.batch_size % tc.grad_accum:
-        raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
-    micro_batch = dc.batch_size // tc.grad_accum
-    num_shards = dc.num_shards or jax.process_count()
+    cfg, initial_params, tokenizer = load_start(
+        config, fresh_tokenizer=lambda: load_or_train_tokenizer(config, workdir))
+    micro_batch = micro_batch_size(dc.batch_size, tc.grad_accum, "data.batch_size")
 
     def pipeline(split: str) -> HostBatches:
-        def shard(index: int, count: int):
-            return make_pipeline(dc.source, tokenizer, seq_len=dc.seq_len, batch_size=micro_batch,
-                                 seed=config.seed, split=split, packing=dc.packing, val_fraction=dc.val_fraction,
-                                 worker_count=dc.worker_count, process_index=index, process_count=count)
-
-        return HostBatches(shard, num_shards, jax.process_index(), jax.process_count())
+        return host_batches(config, lambda index, count: make_pipeline(
+            dc.source, tokenizer, seq_len=dc.seq_len, batch_size=micro_batch, seed=config.seed, split=split,
+            packing=dc.packing, val_fraction=dc.val_fraction, worker_count=dc.worker_count, process_index=index,
+            process_count=count))
 
     mesh = sharding.make_mesh(config.mesh)
     eval_fn = bpb.jit_eval(cfg, tokenizer, mesh, dict(config.sharding))
@@ -65,8 +55,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         init_params=functools.partial(model.init_params, cfg), loss_fn=functools.partial(lm_loss, cfg),
         batches=pipeline("train"), initial_params=initial_params,
         tokens_per_step=dc.batch_size * dc.seq_len, flops_per_token=model.flops_per_token(cfg, dc.seq_len),
-        evaluate=lambda params: bpb.validate(eval_fn, params, pipeline("validation"), tc.eval_batches, mesh,
-                                         dict(config.sharding)),
+        evaluate=lambda params, step: bpb.validate(eval_fn, params, pipeline("validation"), tc.eval_batches,
+                                                   mesh, dict(config.sharding)),
         sample=lambda params: sample_texts(cfg, params, tokenizer, list(tc.sample_prompts), tc.sample_tokens),
         describe=f"{dc.source}, sequence {dc.seq_len}, batch {dc.batch_size}",
     )

@@ -17,7 +17,8 @@ The reward-hacking monitor: every `eval_every` steps, on fixed held-out prompts
 model's release, trained on a disjoint split of the pairs), the sequence KL to
 the starting policy (the mean over samples of sum log pi - log pi_ref), the
 completion length and the share of distinct uni- and bigrams. The best judge
-score's policy is kept as a release in `workdir/best_judge`. When, for
+score's policy is kept as a release in `workdir/best_judge` (`llm.train.monitor.BestJudge`: always a
+step the checkpoints lead to). When, for
 `rlhf.patience` evaluations in a row, the proxy stands above its value at the
 best judge score while the judge stands below that best by more than its noise
 (`rlhf.significance` standard errors of the drop, plus `rlhf.tolerance`), the
@@ -36,40 +37,34 @@ reward, against which the monitor's choice is checked without sharing its noise.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 import random
 from typing import Any, Callable
 
-import jax
 import ml_collections
 import numpy as np
 
-from llm import model, reward_model, sharding
+from llm import model, reward_model, sharding, tasks
 from llm.data import preferences as prefs
-from llm.release import save_release
-from llm.stages import grpo
+from llm.generate import engine_for
 from llm.tasks import Problem
-from llm.train import loop
+from llm.train import loop, rollouts
+from llm.train.monitor import BestJudge, HackingMonitor, distinct_n
 
 NAME = "rlhf"
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
     """Runs (or resumes) RLHF as configured; writes `rlhf.png` and the monitor's verdict into the report."""
-    summary = loop.run(NAME, functools.partial(build, monitor_file=os.path.join(workdir, "monitor.json")),
-                       config, workdir)
-    if jax.process_index() == 0:
-        plot_monitor(workdir)
-    return summary
+    return loop.run(NAME, build, config, workdir)
 
 
 def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
                      ) -> ml_collections.ConfigDict:
-    """GRPO's config (data.*, rl.*) with the reward model, the judge and the monitor (rlhf.*); configs start here."""
-    config = grpo.base_grpo_config(model_name, sharding_name, data_dir)
+    """The on-policy core's config (data.*, rl.*) with the reward model, the judge and the monitor (rlhf.*)."""
+    config = rollouts.base_rl_config(model_name, sharding_name, data_dir)
     config.data.task = "pairs"  # prompts of preference pairs (data.path); or a verifiable task (spelling, ...)
     config.data.path = f"{data_dir}/preference/hh_rlhf_harmless_base_test.jsonl.gz"
     config.data.pairs_kind = "jsonl"  # for task "pairs": how to read data.path (preferences.open_pairs)
@@ -122,11 +117,11 @@ def reward_model_scorer(path: str) -> Judge:
     return lambda problems, samples: scorer.score(_conversations(problems, samples), keep_end=True).astype(np.float64)
 
 
-def make_gold(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task) -> Judge:
+def make_gold(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: tasks.Task) -> Judge:
     """The hidden gold preference (`rlhf.gold`): the task's `gold_score` ("rule") or a reward model's release."""
     if hc.gold != "rule":
         return reward_model_scorer(hc.gold)
-    if task.reward is None:
+    if task.grade is None:
         raise ValueError("rlhf.gold='rule' needs a verifiable data.task (spelling, arithmetic, gsm8k); "
                          "give a reward-model release as rlhf.gold for preference-pair prompts")
     gold = functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
@@ -134,7 +129,7 @@ def make_gold(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task
                                                  zip(problems, samples) for s in group], np.float64)
 
 
-def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: grpo.Task,
+def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task: tasks.Task,
                gold: Judge | None = None) -> Judge | None:
     """The monitor's judge (`rlhf.judge`): none, the gold preference (`gold` when already loaded), or a second
     reward model's release."""
@@ -145,7 +140,7 @@ def make_judge(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, tas
     return reward_model_scorer(hc.judge)
 
 
-def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] = lambda p: True) -> grpo.Task:
+def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] = lambda p: True) -> tasks.Task:
     """Prompts of preference pairs as a task without a reward: train and held-out prompts split by prompt; a prompt
     that does not `fit` (no room left for a reply) is left out and counted."""
     if not 0 < dc.held_out_fraction < 1:
@@ -162,88 +157,27 @@ def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] 
     train, test = kept_train, kept_test
     if not train or not test:
         raise ValueError(f"{dc.path}: no prompts to train on or hold out that fit ({found.describe()})")
-    return grpo.Task(lambda index, n: random.Random(index).sample(train, min(n, len(train))),
-                     lambda n, seed: random.Random(seed).sample(test, min(n, len(test))), None)
+    by_split = {"train": train, "test": test}
+    return tasks.Task(name="pairs", kind="generative",
+                      problems=lambda split, n, seed: random.Random(seed).sample(by_split[split],
+                                                                                 min(n, len(by_split[split]))))
 
 
-def prompt_task(config: ml_collections.ConfigDict, tokenizer) -> grpo.Task:
+def prompt_task(config: ml_collections.ConfigDict, tokenizer) -> tasks.Task:
     """The configured task (`data.task`); preference-pair prompts only where a whole reply fits after them."""
     dc, rc = config.data, config.rl
     if dc.task != "pairs":
-        return grpo.make_task(dc)
+        return tasks.load(dc.task, path=dc.path, eval_path=dc.eval_path, digits=tuple(dc.digits))
     return pair_prompts(dc, lambda p: len(tokenizer.render_for_completion(list(p.messages))) + rc.max_new_tokens
                         <= dc.seq_len + 1)
-
-
-def distinct_n(token_lists: list[list[int]], n: int) -> float:
-    """Distinct n-grams over all n-grams of the samples (Li et al. 2016): near 0 when the policy repeats itself."""
-    grams = [tuple(t[i:i + n]) for t in token_lists for i in range(len(t) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-# ----------------------------------------------------------------------------- the monitor
-
-
-@dataclasses.dataclass
-class HackingMonitor:
-    """Watches the proxy and the judge at each evaluation; remembers the best judge and raises the alarm.
-
-    The alarm: `patience` evaluations in a row where the proxy is above its value
-    at the best judge score and the judge is below that best by more than
-    `tolerance` plus `z` standard errors of the difference (each judge score is a
-    mean over held-out prompts, so a drop within its noise does not count). A new
-    best judge score after an alarm withdraws it (the log says so); every alarm
-    stays in `alarms`.
-    """
-
-    patience: int
-    tolerance: float = 0.0
-    z: float = 1.64
-    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    best: dict[str, float] | None = None
-    alarm: dict[str, float] | None = None
-    alarms: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    streak: int = 0
-
-    def update(self, step: int, proxy: float, judge: float, judge_se: float = 0.0) -> tuple[bool, str]:
-        """(is this the best judge so far, a message for the log when the alarm goes off or is withdrawn, else "")."""
-        point = {"step": step, "proxy": proxy, "judge": judge, "judge_se": judge_se}
-        self.history.append(point)
-        if self.best is None or judge > self.best["judge"]:
-            message = ""
-            if self.alarm is not None:
-                message = (f"the judge recovered: a new best {judge:.4f} at step {step}; the reward-hacking alarm of "
-                           f"step {self.alarm['step']} is withdrawn")
-                self.alarm = None
-            self.best, self.streak = point, 0
-            return True, message
-        margin = self.tolerance + self.z * float(np.hypot(self.best["judge_se"], judge_se))
-        hacked = proxy > self.best["proxy"] and judge < self.best["judge"] - margin
-        self.streak = self.streak + 1 if hacked else 0
-        if self.streak >= self.patience and self.alarm is None:
-            self.alarm = point
-            self.alarms.append(point)
-            return False, (f"reward hacking: for {self.streak} evaluations the proxy rose above "
-                           f"{self.best['proxy']:.4f} (its value at the best judge score) while the judge fell from "
-                           f"{self.best['judge']:.4f} (step {self.best['step']}) to {judge:.4f}, more than its noise "
-                           f"({margin:.4f}); the best judge's policy is kept in best_judge/")
-        return False, ""
-
-    def state(self) -> dict[str, Any]:
-        return {"history": self.history, "best": self.best, "alarm": self.alarm, "alarms": self.alarms,
-                "streak": self.streak}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.history, self.best, self.alarm = state["history"], state["best"], state["alarm"]
-        self.alarms, self.streak = state["alarms"], state["streak"]
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "") -> loop.Stage:
+def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     dc, rc, hc = config.data, config.rl, config.rlhf
-    cfg, initial_params, tokenizer = grpo.load_policy(config)
+    cfg, initial_params, tokenizer = rollouts.load_policy(config)
     task = prompt_task(config, tokenizer)
     proxy = reward_model.RewardModel.load(hc.reward_model)
     if proxy.tokenizer.name != tokenizer.name or proxy.tokenizer.n_vocab != tokenizer.n_vocab:
@@ -254,7 +188,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
     if hc.patience < 1:
         raise ValueError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
     # One draw split in two, so the gold prompts are disjoint from the monitor's.
-    drawn = task.test_problems(rc.eval_problems + hc.gold_problems, rc.eval_seed)
+    drawn = task.problems("test", rc.eval_problems + hc.gold_problems, rc.eval_seed)
     if len(drawn) < rc.eval_problems + hc.gold_problems:
         raise ValueError(f"rl.eval_problems={rc.eval_problems} and rlhf.gold_problems={hc.gold_problems} ask for "
                          f"{rc.eval_problems + hc.gold_problems} held-out prompts; the task holds out {len(drawn)}")
@@ -272,19 +206,17 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
             raw = (raw - raw.mean()) / (raw.std() if raw.std() > 0 else 1.0)
         return raw.reshape(len(problems), -1), figures
 
-    rollouts = grpo.PolicyRollouts(config, cfg, tokenizer, initial_params, task.train_problems, score)
+    policy = rollouts.Rollouts(config, cfg, tokenizer, initial_params, task.problems, score)
     monitor = HackingMonitor(hc.patience, hc.tolerance, hc.significance)
-    if monitor_file and os.path.exists(monitor_file):  # a resumed run keeps what the monitor saw
-        with open(monitor_file) as f:
-            monitor.restore(json.load(f))
+    best_judge = BestJudge(workdir, config.train.keep_checkpoints)
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(params, step: int) -> dict[str, float]:
         prompts = [tokenizer.render_for_completion(p.messages) for p in test_problems + gold_problems]
-        samples = rollouts.sample(params, prompts, n=1, seed=rc.eval_seed, temperature=rc.eval_temperature)
+        samples = policy.sample(params, prompts, n=1, seed=rc.eval_seed, temperature=rc.eval_temperature)
         samples, gold_samples = samples[:len(test_problems)], samples[len(test_problems):]
         prompts = prompts[:len(test_problems)]
-        rows = grpo.rollout_rows(prompts, samples, dc.seq_len)
-        log_ratio = (rollouts.row_logprobs(params, rows) - rollouts.row_logprobs(rollouts.reference(params), rows))
+        rows = rollouts.rollout_rows(prompts, samples, dc.seq_len)
+        log_ratio = (policy.row_logprobs(params, rows) - policy.row_logprobs(policy.reference(params), rows))
         tokens = [s.tokens for [s] in samples]
         figures = {"eval/proxy": float(proxy.score(_conversations(test_problems, samples), keep_end=True).mean()),
                    "eval/kl": float(np.sum(log_ratio * rows["loss_mask"]) / len(samples)),
@@ -296,26 +228,33 @@ def build(config: ml_collections.ConfigDict, workdir: str, monitor_file: str = "
             return figures
         judged = judge(test_problems, samples)
         figures["eval/judge"] = float(judged.mean())
-        best, message = monitor.update(rollouts.step, figures["eval/proxy"], figures["eval/judge"],
+        best, message = monitor.update(step, figures["eval/proxy"], figures["eval/judge"],
                                        float(judged.std(ddof=1) / np.sqrt(len(judged))) if len(judged) > 1 else 0.0)
         if best:
-            save_release(os.path.join(workdir, "best_judge"), cfg, sharding.gather_to_host(params), tokenizer)
+            best_judge.save(step, cfg, sharding.gather_to_host(params), tokenizer, monitor.best["step"])
         if message:
             print(message)
-        figures |= {"monitor/best_judge_step": float(monitor.best["step"]), "monitor/alarm": float(bool(monitor.alarm))}
-        if monitor_file:
-            with open(monitor_file, "w") as f:
-                json.dump(monitor.state(), f)
-        return figures
+        with open(os.path.join(workdir, "monitor.json"), "w") as f:  # to read; resuming uses the checkpoint's
+            json.dump(monitor.state(), f)
+        return figures | {"monitor/best_judge_step": float(monitor.best["step"]),
+                          "monitor/alarm": float(bool(monitor.alarm))}
+
+    def state(step: int) -> dict[str, Any]:
+        best_step = monitor.best["step"] if monitor.best else None
+        return {"monitor": monitor.state(), "best_judge_steps": best_judge.checkpointed(step, best_step)}
+
+    def restore(saved: dict[str, Any], step: int) -> None:
+        monitor.restore(saved["monitor"])
+        best_judge.restore(saved["best_judge_steps"], step, monitor.best["step"] if monitor.best else None)
 
     return loop.Stage(
         cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
-        init_params=functools.partial(model.init_params, cfg), loss_fn=rollouts.loss_fn(),
-        batches=grpo.RolloutPosition(),
-        initial_params=initial_params, evaluate=evaluate, rollout=rollouts, step_figures=rollouts.step_figures,
-        should_stop=lambda: bool(hc.stop_on_hacking and monitor.alarm),
-        describe=(f"prompts: {dc.task}; proxy {hc.reward_model}; judge {hc.judge or 'none'}; {rollouts.P} prompts x "
-                  f"{rollouts.G} samples per rollout, kl_beta {rc.kl_beta}"),
+        init_params=functools.partial(model.init_params, cfg), loss_fn=policy.loss_fn(), rollout=policy,
+        initial_params=initial_params, evaluate=evaluate, step_figures=policy.step_figures,
+        should_stop=lambda: bool(hc.stop_on_hacking and monitor.alarm), state=state, restore=restore,
+        finish=lambda workdir, summary: plot_monitor(workdir, monitor.state()),
+        describe=(f"prompts: {dc.task}; proxy {hc.reward_model}; judge {hc.judge or 'none'}; {policy.P} prompts x "
+                  f"{policy.G} samples per rollout, kl_beta {rc.kl_beta}, advantages {rc.advantage}"),
     )
 
 
@@ -329,15 +268,15 @@ def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int,
     Records are `{"prompt": messages, "chosen", "rejected", "gold_chosen", "gold_rejected"}` (`read_pairs` reads them).
     """
     rc, hc = config.rl, config.rlhf
-    cfg, params, tokenizer = grpo.load_policy(config)
+    cfg, params, tokenizer = rollouts.load_policy(config)
     if params is None:
         raise ValueError("label_pairs samples a trained policy: set init_from (an SFT release or checkpoint)")
     task = prompt_task(config, tokenizer)
     gold = make_gold(rc, hc, task)
-    problems = task.train_problems(10_000_019 + seed, n_prompts)  # not the RL run's rollout draws
-    groups = grpo.sample_problems(grpo.engine_for(cfg, params, tokenizer, rc.tools), tokenizer, problems, n=samples,
-                                  temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, seed=seed,
-                                  batch_size=max(1, len(problems)))
+    problems = task.problems("train", n_prompts, 10_000_019 + seed)  # not the RL run's rollout draws
+    groups = rollouts.sample_problems(engine_for(cfg, params, tokenizer, rc.tools), tokenizer, problems, n=samples,
+                                      temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, seed=seed,
+                                      batch_size=max(1, len(problems)))
     if rc.require_stop:  # a reply cut at max_new_tokens is no example
         groups = [[s for s in group if s.finish_reason == "stop"] for group in groups]
     scores = iter(gold(problems, groups).tolist())
@@ -356,8 +295,9 @@ def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int,
 # ----------------------------------------------------------------------------- the plot
 
 
-def plot_monitor(workdir: str) -> None:
-    """rlhf.png: proxy, judge and gold on held-out prompts against steps and KL, peaks marked; linked from report.md."""
+def plot_monitor(workdir: str, monitor: dict[str, Any]) -> None:
+    """rlhf.png: proxy, judge and gold on held-out prompts against steps and KL, peaks marked (the monitor's state:
+    its best and alarms); linked from report.md with the monitor's verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,10 +307,6 @@ def plot_monitor(workdir: str) -> None:
         rows = [json.loads(line) for line in f if "eval/proxy" in line]
     if not rows:
         return
-    monitor = {}
-    if os.path.exists(os.path.join(workdir, "monitor.json")):
-        with open(os.path.join(workdir, "monitor.json")) as f:
-            monitor = json.load(f)
     steps = [r["step"] for r in rows]
     kl = [r["eval/kl"] for r in rows]
     gold_peak = max(rows, key=lambda r: r["eval/gold"]) if "eval/gold" in rows[0] else None

@@ -24,8 +24,6 @@ stage's FLOPs per token (`model.flops_per_token`, llm.c's count, for language mo
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import time
@@ -36,11 +34,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from llm import model, sharding
+from llm import sharding
 from llm.checkpoint import Checkpointer
-from llm.config import EXECUTION_FIELDS, ModelConfig, model_config
-from llm.release import load_release, save_release
+from llm.config import EXECUTION_FIELDS, ModelConfig
+from llm.release import save_release
 from llm.tokenizer import Tokenizer
+from llm.train.logs import Writers, duration, first_logged, write_report
+from llm.train.start import load_init_from  # noqa: F401  (temporary: sft.py's import, until it uses load_start)
 from llm.train.optimizer import learning_rate_schedule, make_optimizer
 from llm.train.step import LossFn, StateLayout, init_opt_state, init_train_state, jit_train_step, place_params, \
     split_frozen
@@ -52,28 +52,44 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 
 @dataclasses.dataclass
 class Stage:
-    """What a stage gives the driver; the loop, logging, checkpoints and release are shared."""
+    """What a stage gives the driver; the loop, logging, checkpoints and release are shared.
+
+    A stage trains either on `batches` (an iterator of this process's
+    micro-batches, saved and restored with each checkpoint) or, on-policy, on
+    `rollout(params, step)`: the step's micro-batches made from the current
+    params. Its own state (`state(step)` -> JSON, `restore(state, step)`) is saved in
+    every checkpoint step and given back on resume with that step, so nothing it
+    remembers can come from steps a resumed run replays.
+    """
 
     cfg: ModelConfig  # the Transformer inside the params (samples, MFU, the default release)
     tokenizer: Tokenizer
     axes: Any  # logical axes of every parameter, in the params tree layout
     init_params: Callable[[jax.Array], Any]  # fresh params from a key; its shapes define the state
     loss_fn: LossFn
-    batches: Iterator[dict[str, np.ndarray]]  # this process's micro-batches; get_state/set_state to resume
+    batches: Iterator[dict[str, np.ndarray]] | None = None  # this process's micro-batches; get_state/set_state
+    # On-policy stages: (sharded params, step) -> (the step's micro-batches, host figures to log).
+    rollout: Callable[[Any, int], tuple[list[dict[str, np.ndarray]], dict[str, float]]] | None = None
     initial_params: Any = None  # host params to start from (`init_from`), with a fresh optimizer state
     frozen: tuple[str, ...] = ()  # subtrees that are not trained ("backbone")
     tokens_per_step: int = 0  # global tokens per optimizer step, for tokens/s and MFU; 0 leaves them out
     flops_per_token: float = 0.0
-    evaluate: Callable[[Any], dict[str, float]] | None = None  # sharded params -> figures, every eval_every
+    evaluate: Callable[[Any, int], dict[str, float]] | None = None  # (sharded params, step) -> figures
     sample: Callable[[Any], list[str]] | None = None  # host params -> texts, every sample_every (process 0)
     release: Callable[[str, Any], None] | None = None  # (directory, host params); default: `save_release`
+    finish: Callable[[str, "Summary"], None] | None = None  # (workdir, summary) after the report (process 0): plots
     describe: str = ""  # one line for the report: the data the stage trains on
-    # On-policy stages (GRPO): (params, step) -> (the step's micro-batches, host figures to log), called with the
-    # current sharded params in place of `batches`; `batches` then only carries the data position for checkpoints.
-    rollout: Callable[[Any, int], tuple[list[dict[str, np.ndarray]], dict[str, float]]] | None = None
     step_figures: Callable[[dict[str, float]], dict[str, float]] | None = None  # summed step metrics -> ratios to log
     # Checked after each evaluation: True ends the run there (checkpoint, release, report), e.g. RLHF's monitor.
     should_stop: Callable[[], bool] | None = None
+    state: Callable[[int], dict[str, Any]] | None = None  # step -> the stage's own state, saved with that step
+    restore: Callable[[dict[str, Any], int], None] | None = None  # (saved state, its step) on resume
+
+    def __post_init__(self):
+        if (self.batches is None) == (self.rollout is None):
+            raise ValueError("a stage trains on batches or on rollouts: give exactly one")
+        if (self.state is None) != (self.restore is None):
+            raise ValueError("a stage with its own state gives both state() and restore()")
 
 
 @dataclasses.dataclass
@@ -149,42 +165,6 @@ def check_resumable(stage_name: str, config: ml_collections.ConfigDict, workdir:
     return step
 
 
-# ----------------------------------------------------------------------------- logs
-
-
-class _Writers:
-    """metrics.jsonl and TensorBoard, written only by process 0; a resume drops rows past its step."""
-
-    def __init__(self, workdir: str, resumed_step: int):
-        from tensorboardX import SummaryWriter
-
-        self.active = jax.process_index() == 0
-        if not self.active:
-            return
-        path = os.path.join(workdir, "metrics.jsonl")
-        if resumed_step and os.path.exists(path):
-            # Steps after the checkpoint are replayed; keeping their old rows would log them twice.
-            with open(path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(path + ".tmp", path)
-        self.jsonl = open(path, "a")
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if self.active:
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.jsonl.flush()
-            for key, value in metrics.items():
-                self.tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.active:
-            self.jsonl.close()
-            self.tb.close()
-
-
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -212,6 +192,11 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
     if restored is not None:
         params, opt_state, start = restored.params, restored.opt_state, restored.step
         print(f"resumed from step {start} in {workdir}")
+        if stage.restore is not None:
+            if restored.stage_state is None:
+                raise ValueError(f"checkpoint step {start} in {workdir} holds no {stage_name} state to resume "
+                                 f"(written before stages saved theirs); use a new --workdir")
+            stage.restore(restored.stage_state, start)
     elif stage.initial_params is not None:
         _check_shapes(stage.initial_params, layout.abstract()[0], config.init_from)
         params = place_params(stage.initial_params, layout)
@@ -222,7 +207,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
     step_fn = jit_train_step(stage.loss_fn, optimizer, layout)
     run_item = {"stage": stage_name, **_process_identity(config)}
 
-    writers = _Writers(workdir, start)
+    writers = Writers(workdir, start)
     peak = tc.peak_flops or _device_peak_flops()
     summary = Summary(start, math.nan, {}, {})
     pending = None  # (step, metrics on device, host figures) of the step dispatched last
@@ -257,7 +242,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
                     metrics["mfu"] = metrics["tokens_per_s"] * stage.flops_per_token / (peak * jax.device_count())
                     line += f" | MFU {metrics['mfu']:.1%}"
             line += "".join(f" | {k} {v:.4g}" for k, v in extra.items())
-            bar.write(line + f" | ETA {_duration((tc.steps - step) / max(steps_per_s, 1e-9))}")
+            bar.write(line + f" | ETA {duration((tc.steps - step) / max(steps_per_s, 1e-9))}")
             writers.write(step, metrics)
 
     def flush() -> None:
@@ -267,7 +252,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
             pending = None
 
     def evaluate(step: int) -> None:
-        figures = stage.evaluate(params)
+        figures = stage.evaluate(params, step)
         summary.evals = figures
         bar.write(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
         writers.write(step, figures)
@@ -277,7 +262,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
             evaluate(0)
             summary.first_evals = dict(summary.evals)
         else:  # logged by the run that started this workdir
-            summary.first_evals = _first_logged(workdir)
+            summary.first_evals = first_logged(workdir)
     for step in range(start + 1, tc.steps + 1):
         if stage.rollout is not None:  # sampled from the params of this moment: waits for the previous step
             micro_batches, host_figures = stage.rollout(params, step)
@@ -300,7 +285,8 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
         if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
             flush()  # never checkpoint a step whose loss was not checked
             checkpointer.save(step, params, opt_state, config=config, tokenizer=stage.tokenizer,
-                              data_iterator=stage.batches, run=run_item)
+                              data_iterator=stage.batches, run=run_item,
+                              stage_state=stage.state(step) if stage.state is not None else None)
         if stop:
             bar.write(f"step {step:6d} | stopped early by the stage (see the log above)")
             break
@@ -317,40 +303,9 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
         else:
             save_release(release_dir, stage.cfg, host, stage.tokenizer)
         write_report(workdir, stage_name, stage, summary)
+        if stage.finish is not None:
+            stage.finish(workdir, summary)
     return summary
-
-
-def load_init_from(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any, Tokenizer]:
-    """(model config, host params, tokenizer) of `config.init_from`: params only, no optimizer or data state.
-
-    A training workdir gives its newest readable checkpoint; anything else goes to
-    `load_release` (our release directories, Hugging Face directories and hub ids).
-    The released model is used as it is, with this config's execution knobs
-    (`model.remat`, `dtype`, ...) and the release's own tokenizer.
-    """
-    source = config.init_from
-    knobs = {k: config.model[k] for k in EXECUTION_FIELDS}
-    if os.path.isdir(os.path.join(source, "checkpoints")):
-        checkpointer = Checkpointer(os.path.join(source, "checkpoints"), keep=1_000_000)
-        try:
-            saved = checkpointer.saved_run()
-            if saved is None:
-                raise FileNotFoundError(f"init_from={source!r}: the workdir has no readable checkpoint")
-            _, saved_config, _ = saved
-            cfg = dataclasses.replace(model_config(saved_config), **knobs)
-            abstract = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(0))
-            single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            step, params = checkpointer.restore_params(
-                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract))
-            tokenizer = checkpointer.restore_tokenizer(step)
-        finally:
-            checkpointer.close()
-        print(f"init_from: step {step} of {source}")
-    else:
-        cfg, params, tokenizer = load_release(source)
-        cfg = dataclasses.replace(cfg, **knobs)
-        print(f"init_from: {source}")
-    return cfg, jax.tree.map(np.asarray, params), tokenizer
 
 
 def _global_batch(micro_batches: list[dict[str, np.ndarray]], layout: StateLayout) -> dict[str, jax.Array]:
@@ -365,55 +320,8 @@ def _check_shapes(host_params: Any, abstract_params: Any, source: str) -> None:
         raise ValueError(f"init_from={source!r}: its parameters do not have the shapes this stage's model has")
 
 
-def _first_logged(workdir: str) -> dict[str, float]:
-    """The evaluation logged at step 0 by the run that started the workdir."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        row = next((row for row in map(json.loads, f) if row["step"] == 0), {"step": 0})
-    return {k: v for k, v in row.items() if k != "step"}
-
-
 def _device_peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
     return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def write_report(workdir: str, stage_name: str, stage: Stage, summary: Summary) -> None:
-    """loss.png from metrics.jsonl and a short report.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "loss.png"), dpi=100)
-    plt.close(fig)
-    cfg = stage.cfg
-    evals = "".join(f"- {k}: {v:.4f} (first evaluation: {summary.first_evals.get(k, math.nan):.4f})\n"
-                    for k, v in summary.evals.items())
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(
-            f"# {stage_name} report\n\n"
-            f"- model: {cfg.family}, {model.count_params(cfg):,} parameters, {cfg.n_layer} layers, width {cfg.n_embd}\n"
-            + (f"- data: {stage.describe}\n" if stage.describe else "")
-            + f"- steps: {summary.step}\n- final train loss: {summary.train_loss:.4f}\n{evals}\n![loss](loss.png)\n"
-        )
