@@ -2,15 +2,22 @@
 
     python -m launch.sample --checkpoint runs/tiny/release --prompt "The history of" [--n 3 --temperature 0.8 ...]
 
-The prompt is encoded as ordinary text after the tokenizer's document start
-(`<|endoftext|>`, the boundary the model was trained with); sampling stops at
-its document end.
+The prompt is encoded as ordinary text after what the model's own rule puts
+first (`Tokenizer.prompt_start`: `<|endoftext|>` for ours, the boundary it was
+trained with; nothing for SmolLM2, whose files add no BOS); sampling stops at its
+document end.
 """
 
 import argparse
 
 from launch import sampling_flags
 from llm.generate import Engine
+from llm.tokenizer import Tokenizer
+
+
+def prompt_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids of a base-model prompt: the model's own start (`Tokenizer.prompt_start`), then `text` as ordinary text."""
+    return [*tokenizer.prompt_start, *tokenizer.encode(text)]
 
 
 def main(argv=None) -> None:
@@ -20,8 +27,10 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=1, help="samples of the prompt")
     args = parser.parse_args(argv)
     cfg, params, tokenizer = sampling_flags.load(args)
+    prompt = prompt_tokens(tokenizer, args.prompt)
+    if not prompt:
+        parser.error(f"{tokenizer.name} starts prompts with no token (its model adds no BOS): give a non-empty --prompt")
     engine = Engine(cfg, params, tokenizer)
-    prompt = [*tokenizer.document_start, *tokenizer.encode(args.prompt)]
     sampling = sampling_flags.sampling_params(args, stop_token_ids=(tokenizer.eot,), n=args.n)
     stream = None
     if args.n == 1:

@@ -17,6 +17,8 @@ tensor when a file has no such keys.
 The tokenizer is the file's byte-level BPE (`tokenizer.ggml.*`) converted to a
 tiktoken encoding (`llm/hf_tokenizer.py`) and its chat template read as data
 (ChatML or Llama 3's); our own format is kept exactly under `llm.chat_template`.
+A prompt starts with the file's BOS iff `tokenizer.ggml.add_bos_token`, as in
+llama.cpp (`Tokenizer.prompt_start`); an export writes that flag from ours.
 """
 
 from __future__ import annotations
@@ -305,7 +307,7 @@ def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict
 
 
 def read_tokenizer(path: str, reader, meta: Mapping[str, Any]) -> Tokenizer:
-    """The file's byte-level BPE (`tokenizer.ggml.*`) as a Tokenizer, with its chat template and document tokens.
+    """The file's byte-level BPE (`tokenizer.ggml.*`) as a Tokenizer: chat template, document and prompt tokens.
 
     `meta` is `metadata(reader)`, read once by the caller.
     """
@@ -345,8 +347,14 @@ def read_tokenizer(path: str, reader, meta: Mapping[str, Any]) -> Tokenizer:
                 special, names.get(bos_id) if meta.get("tokenizer.ggml.add_bos_token") else None, names.get(eos_id))
         except ValueError as e:
             raise GGUFError(f"{path}: tokenizer.ggml.eos_token_id: {e}") from None
+    # A prompt starts as llama.cpp starts it; a file that does not say keeps our rule (document_start).
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos and bos_id not in names:
+        raise GGUFError(f"{path}: tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id ({bos_id}) "
+                        "is not one of its control tokens")
+    prompt_start = None if add_bos is None else [names[bos_id]] if add_bos else []
     return hf_tokenizer.from_vocab(tokens, merges, pre=pre, special=special, source=path, chat_template=template,
-                                   bos=bos, eot=eot,
+                                   bos=bos, eot=eot, prompt_start=prompt_start,
                                    name=meta.get("llm.tokenizer_name") or meta.get("general.name") or "gguf")
 
 
@@ -456,9 +464,15 @@ def _add_tokenizer(writer, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
     writer.add_token_types(types)
     writer.add_token_merges(_merges(enc._mergeable_ranks))
     writer.add_eos_token_id(tokenizer.eot)
-    if tokenizer.bos:
-        writer.add_bos_token_id(tokenizer.bos[0])
-    writer.add_add_bos_token(bool(tokenizer.bos))
+    # llama.cpp prepends tokenizer.ggml.bos_token_id iff add_bos_token: so a prompt starts as ours does.
+    start = tokenizer.prompt_start
+    if len(start) > 1:
+        raise ValueError(f"tokenizer {tokenizer.name}: prompts start with {len(start)} tokens {start}; GGUF's "
+                         "add_bos_token prepends one")
+    bos_id = start[0] if start else tokenizer.bos[0] if tokenizer.bos else None
+    if bos_id is not None:
+        writer.add_bos_token_id(bos_id)
+    writer.add_add_bos_token(bool(start))
     writer.add_string("llm.tokenizer_name", tokenizer.name)
     writer.add_string("llm.eot", tokenizer.eot_token)
     if tokenizer.bos_token is not None:

@@ -100,10 +100,12 @@ def from_vocab(
     chat_template: ChatTemplate | None = None,
     bos: str | None = None,
     eot: str | None = None,
+    prompt_start: Sequence[str] | None = None,
 ) -> Tokenizer:
     """A Tokenizer from a byte-level BPE: `tokens[i]` is id i, `merges` "a b" in priority order, `special` name -> id.
 
-    `source` names the file in errors; `pre` is a key of PRE_TOKENIZERS.
+    `source` names the file in errors; `pre` is a key of PRE_TOKENIZERS; `prompt_start`
+    is `Tokenizer`'s (the model's own BOS rule).
     """
     if pre not in PRE_TOKENIZERS:
         raise ValueError(
@@ -145,7 +147,8 @@ def from_vocab(
         last = rank
     encoding = tiktoken.Encoding(name or os.path.basename(source), pat_str=PRE_TOKENIZERS[pre],
                                  mergeable_ranks=ranks, special_tokens=dict(special))
-    return Tokenizer(encoding, chat_template=chat_template, bos=bos, eot=eot, dropped=dropped)
+    return Tokenizer(encoding, chat_template=chat_template, bos=bos, eot=eot, dropped=dropped,
+                     prompt_start=prompt_start)
 
 
 def from_tokenizer_json(path: str | os.PathLike, *, chat_template: ChatTemplate | None = None,
@@ -153,6 +156,7 @@ def from_tokenizer_json(path: str | os.PathLike, *, chat_template: ChatTemplate 
     """A Tokenizer from a Hugging Face `tokenizer.json` (byte-level BPE with a known pre-tokenizer).
 
     `config` is the directory's `tokenizer_config.json` when present: it names bos/eos and the chat template.
+    Prompts start as transformers starts them (`prompt_start_tokens`).
     """
     path = str(path)
     with open(path, encoding="utf-8") as f:
@@ -184,9 +188,33 @@ def from_tokenizer_json(path: str | os.PathLike, *, chat_template: ChatTemplate 
                                _token_name(config.get("eos_token")))
     return from_vocab(
         tokens, model.get("merges", []), pre=pre, special=special, source=path, chat_template=chat_template,
-        bos=bos, eot=eot,
+        bos=bos, eot=eot, prompt_start=prompt_start_tokens(spec.get("post_processor")),
         name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf",
     )
+
+
+def prompt_start_tokens(post_processor: Mapping[str, Any] | None) -> list[str]:
+    """The special tokens `transformers` puts before a prompt: those tokenizer.json's post-processor prepends.
+
+    transformers (5) drops tokenizer_config.json's `add_bos_token` and `add_eos_token`
+    when there is a tokenizer.json, as there always is here, so its post-processor
+    alone decides: Llama 3's TemplateProcessing prepends `<|begin_of_text|>`, GPT-2's
+    ByteLevel nothing, and no post-processor nothing.
+    """
+    processor = post_processor or {}
+    kind = processor.get("type")
+    if kind == "Sequence":  # each processor wraps what the ones before it made
+        return [token for p in reversed(processor.get("processors") or []) for token in prompt_start_tokens(p)]
+    if kind == "TemplateProcessing":
+        tokens = []
+        for piece in processor.get("single") or []:
+            if "SpecialToken" not in piece:
+                break
+            tokens.append(piece["SpecialToken"]["id"])
+        return tokens
+    if kind in ("RobertaProcessing", "BertProcessing"):
+        return [processor["cls"][0]]
+    return []  # ByteLevel (offsets only) and the like add no tokens
 
 
 def from_hf_directory(directory: str) -> Tokenizer:

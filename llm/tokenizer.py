@@ -53,11 +53,14 @@ class Tokenizer:
     With the default chat format (ours) the encoding must carry every control token
     of SPECIAL_TOKENS. A real model's tokenizer brings its own format
     (`ChatTemplate`), or None when it has none this project can render; `bos` opens
-    a document (None: nothing is prepended) and `eot` ends one.
+    a document (None: nothing is prepended) and `eot` ends one. `prompt_start` is
+    what the model's own files say a prompt starts with (its BOS, or nothing);
+    None: `document_start`, how our tokenizers and OpenAI's encodings were trained.
     """
 
     def __init__(self, encoding: tiktoken.Encoding, chat_template: ChatTemplate | None = OUR_CHAT,
-                 bos: str | None = ENDOFTEXT, eot: str = ENDOFTEXT, dropped: Iterable[int] = ()):
+                 bos: str | None = ENDOFTEXT, eot: str = ENDOFTEXT, dropped: Iterable[int] = (),
+                 prompt_start: Sequence[str] | None = None):
         if chat_template == OUR_CHAT:
             missing = [token for token in SPECIAL_TOKENS if token not in encoding.special_tokens_set]
             if missing:
@@ -67,6 +70,7 @@ class Tokenizer:
         self.encoding = encoding
         self.chat_template = chat_template
         self.bos_token, self.eot_token = bos, eot
+        self.prompt_start_tokens = None if prompt_start is None else tuple(prompt_start)
         # Placeholder ids of bytes the model's vocabulary lacks (the top ids): encoding drops them.
         self.dropped = frozenset(dropped)
         if self.dropped and min(self.dropped) != encoding.n_vocab - len(self.dropped):
@@ -74,7 +78,7 @@ class Tokenizer:
         specials = sorted(encoding.special_tokens_set, key=len, reverse=True)
         # Splits template strings into special tokens and text; never applied to content.
         self._specials_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-        named = [bos, eot]
+        named = [bos, eot, *(self.prompt_start_tokens or ())]
         if chat_template is not None:
             t = chat_template
             named += [piece for piece in self.split_special(t.begin + t.header + t.footer) if isinstance(piece, str)
@@ -85,7 +89,8 @@ class Tokenizer:
                                  f"{encoding.name}'s special tokens (the end of a turn)")
         unknown = [token for token in named if token is not None and token not in encoding.special_tokens_set]
         if unknown:
-            raise ValueError(f"encoding {encoding.name} has no special tokens {unknown} (its bos, eot or chat template)")
+            raise ValueError(f"encoding {encoding.name} has no special tokens {unknown} "
+                             "(its bos, eot, prompt start or chat template)")
 
     def split_special(self, template_text: str) -> list[str]:
         """A trusted template string cut into the special tokens it spells and the text between them."""
@@ -117,12 +122,15 @@ class Tokenizer:
             # Files written before chat templates were data hold our format: no key means ours.
             template = meta.get("chat_template", dataclasses.asdict(OUR_CHAT))
             template = template and ChatTemplate(**template)
+            # No key (written before prompts had their own rule): prompts start as documents do.
+            prompt_start = meta.get("prompt_start")
             if template == OUR_CHAT:  # ours gains control tokens appended since the file was written
-                return cls(build_encoding(meta["name"], meta["pattern"], ranks, meta["special_tokens"]))
+                return cls(build_encoding(meta["name"], meta["pattern"], ranks, meta["special_tokens"]),
+                           prompt_start=prompt_start)
             encoding = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
                                          special_tokens=meta["special_tokens"])
             return cls(encoding, template, bos=meta.get("bos", ENDOFTEXT), eot=meta.get("eot", ENDOFTEXT),
-                       dropped=meta.get("dropped", ()))
+                       dropped=meta.get("dropped", ()), prompt_start=prompt_start)
         name = named_by_stem(path.stem)
         if name is None:
             raise ValueError(
@@ -146,6 +154,7 @@ class Tokenizer:
             "bos": self.bos_token,
             "eot": self.eot_token,
             "dropped": sorted(self.dropped),
+            "prompt_start": None if self.prompt_start_tokens is None else list(self.prompt_start_tokens),
         }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
@@ -170,13 +179,26 @@ class Tokenizer:
 
     @property
     def document_start(self) -> list[int]:
-        """What every pretraining document and base-model prompt starts with: `bos`, else the end-of-text token.
+        """What every document of a pretraining stream starts with: `bos`, else the end-of-text token.
 
         Ours and GPT-2's start documents with `<|endoftext|>` (their `bos`), Llama 3
         with `<|begin_of_text|>`; a model without a BOS (SmolLM2) saw documents
         separated by its end-of-text token, so that marks the start.
         """
         return self.bos or [self.eot]
+
+    @property
+    def prompt_start(self) -> list[int]:
+        """What a base-model prompt starts with under the model's own rule; may be empty.
+
+        A real model's files say whether its tokenizer adds a BOS (GGUF's
+        `tokenizer.ggml.add_bos_token`, the post-processor of Hugging Face's
+        tokenizer.json): SmolLM2 adds none, Llama 3 `<|begin_of_text|>`. Ours and
+        OpenAI's encodings start prompts as their documents (`document_start`).
+        """
+        if self.prompt_start_tokens is None:
+            return self.document_start
+        return [self.token_id(token) for token in self.prompt_start_tokens]
 
     @property
     def end_of_turn(self) -> int:

@@ -21,6 +21,7 @@ import transformers
 
 from launch import chat as chat_cli
 from launch import export as export_cli
+from launch import sample as sample_cli
 from launch import sampling_flags
 from llm import gguf, hf, hf_tokenizer, model
 from llm.bpe import read_texts, train_bpe
@@ -114,6 +115,7 @@ def test_f32_export_matches_transformers_and_reloads_exactly(kind, tiny_tok, tmp
     text = "Hello world, 12345 tokens\n\n  of text."
     assert tok2.encode(text) == tiny_tok.encode(text)
     assert tok2.chat_template == OUR_CHAT and tok2.eot == tiny_tok.eot and tok2.bos == tiny_tok.bos
+    assert tok2.prompt_start == tiny_tok.prompt_start == tiny_tok.document_start
     assert tok2.render_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]) == \
         tiny_tok.render_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
 
@@ -306,6 +308,25 @@ def test_tokenizer_json_with_unknown_pre_tokenizer_or_normalizer_is_a_clear_erro
         hf_tokenizer.from_tokenizer_json(path)
 
 
+@pytest.mark.parametrize("rule", [None, [], ["<|im_start|>"]], ids=["ours", "no_bos", "own_bos"])
+def test_export_keeps_the_prompt_start_rule(rule, tiny_tok, tmp_path):
+    """add_bos_token and bos_token_id say how a prompt starts: ours, transformers and a re-export read it alike."""
+    cfg, params = _tiny("llama", True)
+    tok = Tokenizer(tiny_tok.encoding, prompt_start=rule)
+    start = tok.prompt_start
+    assert start == ([tok.eot] if rule is None else [tok.token_id(t) for t in rule])
+    for i in range(2):  # the export, then a re-export of what was read back
+        path = tmp_path / f"m{i}.gguf"
+        gguf.save_gguf(str(path), cfg, params, tok)
+        meta = gguf.metadata(gguf.read(str(path)))
+        assert meta["tokenizer.ggml.add_bos_token"] == bool(start)
+        assert not start or meta["tokenizer.ggml.bos_token_id"] == start[0]
+        tok = gguf.read_tokenizer(str(path), gguf.read(str(path)), meta)
+        assert tok.prompt_start == start and tok.document_start == tiny_tok.document_start
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert theirs("Hello world").input_ids == [*start, *tiny_tok.encode("Hello world")]
+
+
 # ----------------------------------------------------------------------------- tokenizers: ours == Hugging Face's
 
 
@@ -387,6 +408,34 @@ def test_tokenizer_json_round_trip(tiny_tok, tmp_path):
     hf.save_hf(cfg, params, str(tmp_path))
     _, _, loaded = load_release(str(tmp_path))
     assert loaded.encode(HARD_TEXTS[0]) == tiny_tok.encode(HARD_TEXTS[0]) and loaded.n_vocab == tiny_tok.n_vocab
+
+
+@pytest.mark.parametrize(("config", "post"), [
+    ({"add_bos_token": True}, None),  # transformers drops the config's flags beside a tokenizer.json ...
+    ({"add_bos_token": False}, "template"),  # ... so its post-processor alone decides
+    ({}, "template"),
+    ({}, "byte_level"),
+    ({}, "sequence"),
+    ({}, None),
+], ids=["flag_without_processor", "flag_against_template", "template", "byte_level", "sequence", "none"])
+def test_hugging_face_prompts_start_as_transformers_starts_them(config, post, tiny_tok, tmp_path):
+    from tokenizers import processors
+
+    tokens, merges = _vocab_of(tiny_tok, tiny_tok.n_vocab)
+    theirs = _hf_bpe(tokens, merges, "llama-bpe")
+    theirs.add_special_tokens(list(tiny_tok.encoding._special_tokens))
+    bos = ("<|im_start|>", tiny_tok.token_id("<|im_start|>"))
+    template = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos])
+    theirs.post_processor = {"template": template, "byte_level": processors.ByteLevel(trim_offsets=False),
+                             "sequence": processors.Sequence([processors.ByteLevel(trim_offsets=False), template]),
+                             None: None}[post]
+    theirs.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": bos[0], "eos_token": "<|endoftext|>", **config}))
+    ours = hf_tokenizer.from_hf_directory(str(tmp_path))
+    assert ours.prompt_start == ([bos[1]] if post in ("template", "sequence") else [])
+    expected = transformers.AutoTokenizer.from_pretrained(str(tmp_path))("Hello world").input_ids
+    assert [*ours.prompt_start, *ours.encode("Hello world")] == expected
 
 
 # ----------------------------------------------------------------------------- chat formats
@@ -474,6 +523,14 @@ def smollm():
     return gguf.load_gguf(str(SMOLLM))
 
 
+@pytest.fixture(scope="module")
+def smollm_transformers():
+    """transformers' own float32 SmolLM2, read from the same file."""
+    if not SMOLLM.exists():
+        pytest.skip(f"the real model {SMOLLM} is absent (../shared not here)")
+    return _transformers(SMOLLM)
+
+
 @needs_smollm
 def test_smollm2_tokenizer_equals_hugging_face_on_wikinews_code_digits_cjk_emoji(smollm):
     _, _, tok = smollm
@@ -495,11 +552,11 @@ def test_smollm2_tokenizer_equals_hugging_face_on_wikinews_code_digits_cjk_emoji
 
 
 @needs_smollm
-def test_smollm2_logits_and_greedy_generation_equal_transformers(smollm):
+def test_smollm2_logits_and_greedy_generation_equal_transformers(smollm, smollm_transformers):
     cfg, params, tok = smollm
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.rope_theta, cfg.tie_embeddings) == \
         (30, 576, 9, 3, 100_000.0, True)
-    hf_model = _transformers(SMOLLM)
+    hf_model = smollm_transformers
     prompts = [tok.render_for_completion([{"role": "user", "content": "What is the capital of France?"}]),
                [*tok.bos, *tok.encode("The history of the Roman Empire")]]
     for prompt in prompts:
@@ -517,6 +574,37 @@ def test_smollm2_logits_and_greedy_generation_equal_transformers(smollm):
     with torch.no_grad():
         theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
     assert ours == theirs
+
+
+BASE_PROMPTS = ["The capital of France is", "Once upon a time, there was a", "def fibonacci(n):",
+                "The three primary colors are"]
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_smollm2_base_prompts_start_as_its_file_says_and_continue_as_transformers(
+        smollm, smollm_transformers, monkeypatch, capsys):
+    """tokenizer.ggml.add_bos_token = false: no token before a prompt, as in transformers and llama.cpp.
+
+    Its documents start with <|endoftext|> (`document_start`); putting that before
+    these prompts changes every continuation.
+    """
+    cfg, params, tok = smollm
+    assert tok.prompt_start == [] and tok.document_start == [tok.eot]
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(str(SMOLLM.parent), gguf_file=SMOLLM.name)
+    prompts = [sample_cli.prompt_tokens(tok, text) for text in BASE_PROMPTS]
+    assert prompts == [theirs_tok(text).input_ids for text in BASE_PROMPTS]
+    samples = Engine(cfg, params, tok).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
+    theirs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = smollm_transformers.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        theirs.append(out[0, len(prompt):].tolist())
+    assert [sample.tokens for [sample] in samples] == theirs
+    monkeypatch.setattr(sampling_flags, "load", lambda args: smollm)
+    sample_cli.main(["--checkpoint", str(SMOLLM), "--prompt", BASE_PROMPTS[0], "--temperature", "0",
+                     "--max-new-tokens", "12"])
+    assert capsys.readouterr().out == f"{BASE_PROMPTS[0]}{tok.decode(theirs[0])}\n[length, 12 tokens]\n"
 
 
 @needs_smollm

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import html
+import json
 import re
 import shutil
 import sys
@@ -300,6 +301,33 @@ def test_saved_bpe_loads_with_tiktoken_alone(ours, tmp_path, monkeypatch):
     assert loaded.encoding._special_tokens == ours.encoding._special_tokens
     text = ROUND_TRIP_TEXTS["mixed_scripts"]
     assert loaded.encode(text) == ours.encode(text)
+
+
+def test_our_tokenizers_start_prompts_with_their_document_start(named, ours, tmp_path):
+    """Ours and OpenAI's encodings were trained with `<|endoftext|>` before each document: prompts start alike."""
+    for tok in [*named.values(), ours]:
+        assert tok.prompt_start == tok.document_start == [tok.eot]
+    ours.save(tmp_path / "ours.tiktoken")
+    assert Tokenizer.load(tmp_path / "ours.tiktoken").prompt_start == [ours.eot]
+    # A sidecar written before prompts had their own rule has no "prompt_start": documents' start.
+    sidecar = tmp_path / "ours.json"
+    meta = json.loads(sidecar.read_text())
+    del meta["prompt_start"]
+    sidecar.write_text(json.dumps(meta))
+    assert Tokenizer.load(tmp_path / "ours.tiktoken").prompt_start == [ours.eot]
+
+
+@pytest.mark.parametrize("rule", [[], [IM_START]])
+def test_a_model_s_own_prompt_start_is_kept_by_its_sidecar(ours, tmp_path, rule):
+    """A model that adds no BOS (SmolLM2) starts prompts with nothing, though its documents start with its eot."""
+    tok = Tokenizer(ours.encoding, prompt_start=rule)
+    assert tok.prompt_start == [tok.token_id(t) for t in rule] and tok.document_start == [tok.eot]
+    tok.save(tmp_path / "t.tiktoken")
+    assert json.loads((tmp_path / "t.json").read_text())["prompt_start"] == rule
+    back = Tokenizer.load(tmp_path / "t.tiktoken")
+    assert back.prompt_start == tok.prompt_start and back.document_start == tok.document_start
+    with pytest.raises(ValueError, match=re.escape("no special tokens ['<|nope|>'] (its bos, eot, prompt start")):
+        Tokenizer(ours.encoding, prompt_start=["<|nope|>"])
 
 
 def test_tokenizer_requires_the_control_tokens(ours):
