@@ -48,6 +48,32 @@ def test_gsm8k_streams_sample_the_files_read_once():
 # ----------------------------------------------------------------------------- grading and loading
 
 
+def test_spelling_holds_out_words_balances_the_answers_and_grades_the_last_final_answer():
+    import collections
+
+    task, words = tasks.load("spelling", path=WORDS), spelling.read_words(WORDS)
+    test, train = spelling.split_words(words, "test"), spelling.split_words(words, "train")
+    assert test and train and not set(test) & set(train) and sorted(test + train) == sorted(words)
+    held_out = task.problems("test", 400, 0)
+    # Problem i asks for a count of i % 4: exactly 100 of each answer, so any constant answer is right 25% of the time.
+    assert collections.Counter(p.answer for p in held_out) == {"0": 100, "1": 100, "2": 100, "3": 100}
+    for p in held_out:
+        *_, word, letter = p.key.split(":")
+        assert word in test and p.answer == str(word.count(letter))
+        question, reply = spelling.spelling_messages(word, letter)
+        assert list(p.messages) == [question] and task.grade(p, reply["content"])  # the SFT reply is right
+    # The SFT conversations follow the same rule, on train words only.
+    found = task.conversations(40, seed=2)
+    assert collections.Counter(m[1]["content"].rsplit("#### ", 1)[1] for _, m in found) == {
+        "0": 10, "1": 10, "2": 10, "3": 10}
+    assert not {m[0]["content"].split('"')[1] for _, m in found} & set(test)
+    [p] = [q for q in held_out if q.answer == "1"][:1]
+    assert task.reward(p, "So it appears 2 times. #### 2\n#### 1") == 1.0  # the last #### counts
+    assert not task.grade(p, "it appears 1 time") and not task.grade(p, "#### 11") and task.grade(p, "#### 01")
+    with pytest.raises(ValueError, match="13 times"):
+        spelling.draw_letter(random.Random(0), ["strawberry"], 13, tries=10)
+
+
 def test_reward_is_the_grade_as_a_number():
     task = tasks.load("arithmetic")
     [problem] = task.problems("test", 1, 0)
