@@ -38,15 +38,9 @@ import tiktoken
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from llm.tokenizer import (
-    GPT4_SPLIT_PATTERN,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    compression,
-    load_rank_file,
-    read_texts,
-    train_bpe,
-)
+from llm.bpe import compression, read_texts, train_bpe
+from llm.encodings import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, load_rank_file
+from llm.tokenizer import Tokenizer
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -14,7 +14,7 @@ tool calls and their outputs included.
 import argparse
 import sys
 
-from launch import sampling_flags
+from launch import cli, sampling_flags
 from llm.bpe import read_texts
 from llm.generate import Engine
 from llm.tools import Calculator, Search
@@ -28,7 +28,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg, params, tokenizer = sampling_flags.load(args)
     if tokenizer.chat_template is None:
-        sys.exit(f"{args.checkpoint}: its tokenizer has no chat format this project can render; try launch.sample")
+        raise cli.UserError(f"{args.checkpoint}: its tokenizer has no chat format this project can render; "
+                            f"try launch.sample")
     tools = {"python": Calculator()}
     if args.search_docs:
         tools["search"] = Search(list(read_texts(args.search_docs)))
@@ -36,7 +37,8 @@ def main(argv=None) -> None:
         print(f"note: {tokenizer.name} has no tool tokens; chatting without tools", file=sys.stderr)
         tools = {}
     engine = Engine(cfg, params, tokenizer, tools=tools)
-    sampling = sampling_flags.sampling_params(args, stop_token_ids=tokenizer.chat_stop_ids)
+    with cli.user_input():  # only checks the sampling flags
+        sampling = sampling_flags.sampling_params(args, stop_token_ids=tokenizer.chat_stop_ids)
 
     history: list[int] = []
     pending = [{"role": "system", "content": args.system}] if args.system else []
@@ -51,7 +53,7 @@ def main(argv=None) -> None:
         prompt = history + tokenizer.render_for_completion(turn, start=not history)
         pending = []
         if len(prompt) >= cfg.max_seq_len:
-            sys.exit(f"the conversation has reached the model's context of {cfg.max_seq_len} tokens")
+            raise cli.UserError(f"the conversation has reached the model's context of {cfg.max_seq_len} tokens")
         print("assistant> ", end="", flush=True)
         stream = sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids, stop_strings=sampling.stop_strings)
         [[sample]] = engine.generate([prompt], sampling, on_token=stream)
@@ -64,4 +66,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -6,7 +6,7 @@
 A mistake is one of `MISTAKES`: an exception class that the code raises for bad
 input and never for a bug of its own (a config override absl rejects, a path that
 is missing or cannot be written, a workdir of another run, a launcher's own
-`UserError`). Anything else is a bug and keeps its traceback. `ValueError`, which
+`llm.errors.UserError`). Anything else is a bug and keeps its traceback. `ValueError`, which
 bugs raise too, counts only inside `user_input()`, around code that does nothing
 but read and check what the user gave (a config and its overrides). Set
 LAUNCH_TRACEBACK=1 to see the traceback of a mistake as well.
@@ -24,14 +24,11 @@ from typing import Any, NoReturn
 
 from absl import flags
 
+from llm.errors import UserError
 from llm.gguf import GGUFError
 from llm.train.loop import ResumeMismatch
 
 EXIT_MISTAKE = 2  # argparse's status for a bad command line
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; its message says what and how to fix it."""
 
 
 MISTAKES: tuple[type[BaseException], ...] = (

@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="folder for report.json and report.md (default: the run's workdir for a "
                                       "training run's release/, else the current directory)")
     parser.add_argument("--chat", action="store_true", help="chat variants (ARC, MMLU letters; GSM8K as a user message)")
-    parser.add_argument("--bos", action="store_true", help="document-start token before each multiple-choice context")
+    parser.add_argument("--bos", action="store_true",
+                        help="the model's own prompt start (its BOS, where it adds one) before each choice context")
     parser.add_argument("--batch-rows", type=int, default=16, help="packed rows per multiple-choice forward")
     parser.add_argument("--max-len", type=int, help="tokens the model reads per choice (default: its context)")
     parser.add_argument("--n", type=int, default=1, help="samples per generative problem")

@@ -10,7 +10,7 @@ document end.
 
 import argparse
 
-from launch import sampling_flags
+from launch import cli, sampling_flags
 from llm.generate import Engine
 from llm.tokenizer import Tokenizer
 
@@ -30,8 +30,11 @@ def main(argv=None) -> None:
     prompt = prompt_tokens(tokenizer, args.prompt)
     if not prompt:
         parser.error(f"{tokenizer.name} starts prompts with no token (its model adds no BOS): give a non-empty --prompt")
+    if len(prompt) >= cfg.max_seq_len:
+        raise cli.UserError(f"--prompt is {len(prompt)} tokens and the model's context {cfg.max_seq_len}: shorten it")
+    with cli.user_input():  # only checks the sampling flags
+        sampling = sampling_flags.sampling_params(args, stop_token_ids=(tokenizer.eot,), n=args.n)
     engine = Engine(cfg, params, tokenizer)
-    sampling = sampling_flags.sampling_params(args, stop_token_ids=(tokenizer.eot,), n=args.n)
     stream = None
     if args.n == 1:
         stream = sampling_flags.Printer(tokenizer, hide=sampling.stop_token_ids, stop_strings=sampling.stop_strings)
@@ -46,4 +49,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -15,11 +15,11 @@ Run it with `python -m`: as a script its folder would shadow the stdlib `tokeniz
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from launch import cli
 from llm.bpe import compression, read_texts, train_bpe
 from llm.tokenizer import Tokenizer
 from llm.tokenizer_viz import to_ansi, to_html
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encodings = args.encoding or ["o200k_base"]
     if args.train:
         if args.out is None:
-            raise SystemExit("--train needs --out PATH.tiktoken")
+            raise cli.UserError("--train needs --out PATH.tiktoken")
         start = time.perf_counter()
         tok = train_bpe(read_texts(args.train, args.limit), args.vocab_size, name=args.out.stem)
         tok.save(args.out)
@@ -75,4 +75,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(main)

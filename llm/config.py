@@ -181,7 +181,7 @@ def base_config(model: str = "tiny", sharding: str = "fsdp") -> ml_collections.C
             train=dict(
                 steps=1000,
                 grad_accum=1,  # micro-batches per step
-                log_every=10,
+                log_every=10,  # these three: 0 runs them only at the last step (evaluation: and step 0)
                 eval_every=200,
                 eval_batches=8,
                 sample_every=0,  # 0: no samples during training

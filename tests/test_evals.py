@@ -12,12 +12,13 @@ import torch
 from hf_models import gpt2, llama
 
 from llm import hf, model, sharding
+from llm.bpe import read_texts, train_bpe
 from llm.config import LOGICAL_AXES, SHARDING_PRESETS, ModelConfig
 from llm.evals import bpb, generative
 from llm.evals import multiple_choice as mc
 from llm.evals.passk import mean_pass_at_k, pass_at_k
+from llm.generate import engine_for
 from llm.tasks import MultipleChoice, choice_sets, gsm8k
-from llm.tokenizer import read_texts, train_bpe
 
 
 def test_pass_at_k_equals_hand_values():
@@ -203,7 +204,7 @@ def test_generative_eval_end_to_end_and_pass_at_k_from_the_grades(tiny_tok):
                       max_seq_len=128, rope_theta=10_000.0)
     params = model.init_params(cfg, jax.random.key(0))
     problems = gsm8k.problems(str(EVALS / "gsm8k" / "test.jsonl"))
-    engine = generative.engine_for(cfg, params, tiny_tok)
+    engine = engine_for(cfg, params, tiny_tok, tools=True)
     assert "python" in engine.tools
 
     def grade(problem, text):  # any deterministic rule of the text exercises the bookkeeping; the model is random
@@ -255,7 +256,7 @@ def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, t
         task = registry.task(name, options)
         problems = task.problems(task.eval_split, 0, 0)
         assert len(problems) == (3 if name in ("triviaqa", "nq_open") else 4)
-        expected = generative.evaluate(generative.engine_for(cfg, params, tiny_tok), problems, task.grade, chat=False,
+        expected = generative.evaluate(engine_for(cfg, params, tiny_tok, tools=True), problems, task.grade, chat=False,
                                        max_new_tokens=8, stop_strings=task.stop_strings).summary()
         assert report[name] == expected, name
     mesh, rules = _dp_mesh()

@@ -1,4 +1,4 @@
-"""GRPO: the clipped loss and group advantages against hand computations, the tasks' grading, the stage end to end.
+"""GRPO: the clipped loss against hand computations, and the stage end to end.
 
 Every expected number below is worked out by hand in the comments beside it, so
 a wrong aggregation, clip side or KL estimator gives a different number.
@@ -171,73 +171,7 @@ def test_one_step_on_fresh_rollouts_is_the_plain_policy_gradient():
     assert float(grpo_loss_fn(CFG, params, batch)[1]) == 6 + 5  # completion targets: 6 in row 0, 5 in row 1
 
 
-# ----------------------------------------------------------------------------- tasks
-
-
 WORDS = os.path.join(ROOT, "tests", "fixtures", "chat", "words_alpha_slice.txt")
-
-
-def test_spelling_asks_as_the_sft_data_does_held_out_words_are_disjoint_and_the_final_answer_is_graded():
-    from llm.data import conversations as conv
-    from llm.tasks import spelling
-
-    words = spelling.read_words(WORDS)
-    test, train = spelling.split_words(words, "test"), spelling.split_words(words, "train")
-    assert test and train and not set(test) & set(train) and sorted(test + train) == sorted(words)
-    held_out = spelling.problems(words, 50, split="test", seed=3)
-    assert all(p.key.split(":")[3] in test for p in held_out)
-    assert [p.key for p in held_out] == [p.key for p in spelling.problems(words, 50, split="test", seed=3)]
-    for p in held_out:
-        *_, word, letter = p.key.split(":")
-        assert list(p.messages) == conv.spelling_messages(word, letter)[:1] and p.answer == str(word.count(letter))
-        # The SFT reply itself is right.
-        assert spelling.grade(p, conv.spelling_messages(word, letter)[1]["content"])
-    [p] = [q for q in held_out if q.answer == "1"][:1]
-    assert spelling.reward(p, "So it appears 2 times. #### 2\n#### 1") == 1.0  # the last #### counts
-    assert not spelling.grade(p, "it appears 1 time")  # no final answer
-    assert not spelling.grade(p, "#### 11") and spelling.grade(p, "#### 01")
-
-
-def test_spelling_answers_are_balanced_so_a_constant_answer_scores_a_quarter():
-    import collections
-
-    from llm.data import conversations as conv
-    from llm.tasks import spelling
-
-    words = spelling.read_words(WORDS)
-    test = set(spelling.split_words(words, "test"))
-    held_out = spelling.problems(words, 400, split="test", seed=0)
-    # Problem i asks for a count of i % 4: exactly 100 of each answer, so any constant answer is right 25% of the time.
-    assert collections.Counter(p.answer for p in held_out) == {"0": 100, "1": 100, "2": 100, "3": 100}
-    assert [p.answer for p in held_out[:8]] == ["0", "1", "2", "3"] * 2
-    for p in held_out:
-        *_, word, letter = p.key.split(":")
-        assert word in test and p.answer == str(word.count(letter))
-    assert len({p.key.split(":")[3] for p in held_out}) > 20  # many words, not one per count
-    # The SFT source follows the same rule, on train words only.
-    found = conv.spelling(words, 40, seed=2)
-    answers = [c.messages[1]["content"].rsplit("#### ", 1)[1] for c in found]
-    assert collections.Counter(answers) == {"0": 10, "1": 10, "2": 10, "3": 10}
-    assert not {c.messages[0]["content"].split('"')[1] for c in found} & test
-    with pytest.raises(ValueError, match="13 times"):
-        conv.draw_letter(__import__("random").Random(0), ["strawberry"], 13, tries=10)
-
-
-def test_arithmetic_problems_are_right_held_out_and_graded_by_their_final_answer():
-    from llm.tasks import arithmetic
-
-    test = arithmetic.problems(100, split="test", seed=0)
-    train = arithmetic.problems(300, split="train", seed=0)
-    expressions = lambda ps: {p.key.split(":")[3] for p in ps}
-    assert not expressions(test) & expressions(train)
-    for p in test + train:
-        expression = p.key.split(":")[3]
-        assert p.answer == str(eval(expression))  # the key's own arithmetic, by Python
-        assert 2 <= len(expression.split()[0]) <= 4
-    assert {p.key.split()[1] for p in train} == {"+", "-", "*"}
-    p = next(q for q in test if q.answer.startswith("-"))
-    assert arithmetic.grade(p, f"so #### {p.answer}") and not arithmetic.grade(p, p.answer)
-    assert arithmetic.reward(p, "#### 1,000") == float(p.answer == "1000")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -249,7 +183,7 @@ def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, 
     from llm.config import load_config
     from llm.stages import grpo
     from llm.tasks import spelling
-    from llm.tokenizer import train_bpe
+    from llm.bpe import train_bpe
 
     words = spelling.read_words(WORDS)
     texts = [m["content"] for w in words[:150] for m in spelling.spelling_messages(w, w[0])]

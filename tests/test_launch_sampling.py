@@ -58,6 +58,26 @@ def test_sample_command_streams_nothing_from_a_stop_string_on(tmp_path, capsys):
     assert capsys.readouterr().out == "Once upon a time,\n[stop, 4 tokens]\n"
 
 
+def test_sample_and_chat_report_a_users_mistake_as_one_error_line(tmp_path, capsys):
+    from launch import chat, cli
+
+    prompt = [TOKENIZER.eot, *TOKENIZER.encode("Once upon")]
+    cfg, params = scripted_gpt2(script(prompt, TOKENIZER.encode(" a time, the end.")))
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    long = " ".join(["word"] * (2 * cfg.max_seq_len))
+    for entry, argv, wanted in [
+        (sample.main, ["--checkpoint", str(tmp_path), "--prompt", long], f"and the model's context {cfg.max_seq_len}"),
+        (sample.main, ["--checkpoint", str(tmp_path), "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (sample.main, ["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "nope"),
+        (chat.main, ["--checkpoint", str(tmp_path / "nope")], "nope"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(entry, argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == cli.EXIT_MISTAKE and err.count("error: ") == 1 and "Traceback" not in err, err
+        assert wanted in err, err
+
+
 def test_streamed_text_waits_for_whole_characters_before_judging_a_stop_string(capsys):
     """"é" arrives as two byte tokens; "xa" must wait for it, since "aé" stops the sample at "x"."""
     tokens = [*TOKENIZER.encode("xa"), *(TOKENIZER.encoding.encode_single_token(bytes([b])) for b in "é".encode())]

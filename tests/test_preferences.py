@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from llm import model, reward_model
+from llm.bpe import train_bpe
 from llm.config import ModelConfig, load_config
 from llm.data import pair_rows
 from llm.data import preferences as prefs
-from llm.tokenizer import Tokenizer, train_bpe
+from llm.tokenizer import Tokenizer
 from llm.train import losses
 from llm.train.step import train_step
 

@@ -77,7 +77,8 @@ def _tiny_rlhf(tmp_path):
     """Overrides of the over-optimisation config for a fresh 2-layer policy on letter counting, with a reward model
     whose head reads the last hidden state linearly, saved in tmp_path."""
     from llm.tasks import spelling
-    from llm.tokenizer import Tokenizer, train_bpe
+    from llm.bpe import train_bpe
+    from llm.tokenizer import Tokenizer
 
     words = spelling.read_words(WORDS)
     texts = [m["content"] for w in words[:150] for m in spelling.spelling_messages(w, w[0])]
@@ -187,7 +188,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_the_monitor_and_best_judge_of_t
 def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold_out_by_prompt(tmp_path):
     import ml_collections
 
-    from llm.tokenizer import Tokenizer, train_bpe
+    from llm.bpe import train_bpe
+    from llm.tokenizer import Tokenizer
 
     hh = os.path.join(ROOT, "tests", "fixtures", "preference", "hh_rlhf_harmless_base_slice.jsonl")
     tok_path = str(tmp_path / "tok.tiktoken")

@@ -92,7 +92,7 @@ def test_grpo_tiny_runs_end_to_end_with_rloo_advantages(tmp_path):
     from llm import tasks
     from llm.config import load_config
     from llm.stages import grpo
-    from llm.tokenizer import train_bpe
+    from llm.bpe import train_bpe
 
     words = os.path.join(ROOT, "tests", "fixtures", "chat", "words_alpha_slice.txt")
     problems = tasks.load("spelling", path=words).problems("train", 150, 0)

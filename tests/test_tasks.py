@@ -191,3 +191,20 @@ def test_file_tasks_draw_by_seed_and_name_their_splits():
         task.problems("train", 1, 0)
     arc = tasks.load("arc_easy", data_dir=str(FIXTURES / "evals"), chat=True)
     assert all(item.messages and item.choices[0] == "A" for item in arc.problems("validation", 0, 0))
+
+
+def test_arithmetic_problems_are_right_held_out_and_graded_by_their_final_answer():
+    from llm.tasks import arithmetic
+
+    test = arithmetic.problems(100, split="test", seed=0)
+    train = arithmetic.problems(300, split="train", seed=0)
+    expressions = lambda ps: {p.key.split(":")[3] for p in ps}
+    assert not expressions(test) & expressions(train)
+    for p in test + train:
+        expression = p.key.split(":")[3]
+        assert p.answer == str(eval(expression))  # the key's own arithmetic, by Python
+        assert 2 <= len(expression.split()[0]) <= 4
+    assert {p.key.split()[1] for p in train} == {"+", "-", "*"}
+    p = next(q for q in test if q.answer.startswith("-"))
+    assert arithmetic.grade(p, f"so #### {p.answer}") and not arithmetic.grade(p, p.answer)
+    assert arithmetic.reward(p, "#### 1,000") == float(p.answer == "1000")

@@ -150,7 +150,7 @@ def _launch_processes(workdir, tokenizer, n_processes, devices_each, port, steps
 
 def _tokenizer_file(tmp_path):
     from llm.data.sources import open_source, training_texts
-    from llm.tokenizer import train_bpe
+    from llm.bpe import train_bpe
 
     path = str(tmp_path / "tok.tiktoken")
     train_bpe(training_texts(open_source("sample"), 0.01), 1024, progress=False).save(path)

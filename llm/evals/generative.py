@@ -5,9 +5,9 @@
 
 Chat: the problem's messages rendered with the model's chat format and an open
 assistant turn; sampling stops at the end of the turn (or document). Tools: the
-engine is built by the caller (`engine_for` gives one with the calculator when the
-tokenizer has its tokens), so tool calls run as in chat. Base: the tokenizer's
-document start, then the problem's plain text; sampling stops at a blank line or
+engine is built by the caller (`llm.generate.engine_for` gives one with the calculator when the
+tokenizer has its tokens), so tool calls run as in chat. Base: the model's own
+prompt start (`Tokenizer.prompt_start`), then the problem's plain text; sampling stops at a blank line or
 the next "Question:" (`stop_strings`).
 
 pass@k is the unbiased estimator of Chen et al. (2021) over the n samples
@@ -20,20 +20,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from llm.evals.passk import mean_pass_at_k
+import numpy as np
+
+from llm.evals.passk import mean_pass_at_k, pass_at_k
 from llm.generate import Engine, SamplingParams
 from llm.tasks import Problem
-from llm.tools import Calculator
 
 
 @dataclasses.dataclass(frozen=True)
 class Graded:
-    """One problem's completions and whether each is right."""
+    """One problem's completions, whether each is right, and each one's length in tokens."""
 
     key: str
     completions: tuple[str, ...]
     correct: tuple[bool, ...]
-    truncated: bool = False
+    truncated: bool = False  # the prompt lost its first tokens to fit the context
+    lengths: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +44,24 @@ class GenerativeResult:
     n: int
     ks: tuple[int, ...]
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self, intervals: bool = False) -> dict[str, float | int]:
+        """pass@k for each k, the counts; with `intervals`, each pass@k's 95% half-interval (`pass@k_ci95`, over
+        problems) and the mean completion length (`completion_len`)."""
         counts = [sum(g.correct) for g in self.graded]
-        figures: dict[str, float | int] = {f"pass@{k}": mean_pass_at_k(counts, self.n, k) for k in self.ks}
+        figures: dict[str, float | int] = {}
+        for k in self.ks:
+            figures[f"pass@{k}"] = mean_pass_at_k(counts, self.n, k)
+            if intervals:
+                figures[f"pass@{k}_ci95"] = _interval([pass_at_k(self.n, c, k) for c in counts])
+        if intervals:
+            figures["completion_len"] = float(np.mean([n for g in self.graded for n in g.lengths]))
         figures.update(problems=len(self.graded), samples=self.n, truncated=sum(g.truncated for g in self.graded))
         return figures
 
 
-def engine_for(cfg, params, tokenizer, tools: bool = True) -> Engine:
-    """An engine over the model with the calculator tool when asked and the tokenizer has its tokens."""
-    use = tools and tokenizer.has_tool("python")
-    return Engine(cfg, params, tokenizer, tools={"python": Calculator()} if use else None)
+def _interval(values: list[float]) -> float:
+    """Half-width of the normal 95% interval of the mean of per-problem scores."""
+    return float(1.96 * np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def prompt_ids(tokenizer, problem: Problem, chat: bool) -> list[int]:
@@ -60,7 +69,7 @@ def prompt_ids(tokenizer, problem: Problem, chat: bool) -> list[int]:
         return list(tokenizer.render_for_completion(problem.messages))
     if not problem.text:
         raise ValueError(f"problem {problem.key!r} has no plain text for a base model; evaluate it with chat=True")
-    return [*tokenizer.document_start, *tokenizer.encode(problem.text)]
+    return [*tokenizer.prompt_start, *tokenizer.encode(problem.text)]
 
 
 def evaluate(
@@ -77,9 +86,11 @@ def evaluate(
     stop_strings: Sequence[str] = (),
     batch_size: int = 8,
     seed: int = 0,
+    require_stop: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> GenerativeResult:
-    """Samples `n` completions of every problem (`batch_size` problems per engine call) and grades them."""
+    """Samples `n` completions of every problem (`batch_size` problems per engine call) and grades them; with
+    `require_stop`, a completion cut at `max_new_tokens` (it did not end its turn or document) is wrong."""
     ks = tuple(ks)
     if any(k > n for k in ks):
         raise ValueError(f"pass@k needs k <= n samples per problem, got ks={ks} with n={n}")
@@ -97,8 +108,10 @@ def evaluate(
                                   stop_token_ids=stop_ids, stop_strings=tuple(stop_strings), n=n, seed=seed + start)
         samples = engine.generate([ids[-room:] for ids in prompts], sampling)
         for problem, ids, problem_samples in zip(chunk, prompts, samples):
-            texts = tuple(s.text for s in problem_samples)
-            graded.append(Graded(problem.key, texts, tuple(bool(grade(problem, t)) for t in texts), len(ids) > room))
+            correct = tuple(bool(grade(problem, s.text)) and (s.finish_reason == "stop" or not require_stop)
+                            for s in problem_samples)
+            graded.append(Graded(problem.key, tuple(s.text for s in problem_samples), correct, len(ids) > room,
+                                 tuple(len(s.tokens) for s in problem_samples)))
         if on_progress is not None:
             on_progress(len(chunk))
     return GenerativeResult(tuple(graded), n, ks)

@@ -19,6 +19,7 @@ from typing import Any
 from llm import tasks
 from llm.evals import bpb, generative
 from llm.evals import multiple_choice as mc
+from llm.generate import engine_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Options:
     batch_rows: int = 16
     row_len: int = 256
     max_len: int | None = None
-    bos: bool = False  # the tokenizer's document start before every context (the harness puts none)
+    bos: bool = False  # the model's own prompt start (`Tokenizer.prompt_start`) before every context (the harness: none)
     # generative
     n: int = 1
     ks: tuple[int, ...] = (1,)
@@ -100,10 +101,10 @@ def run_task(name: str, cfg, params, tokenizer, options: Options, *, mesh=None, 
         on_total(len(data))
     if evaluated.kind == "choice":
         scores = mc.score(cfg, params, tokenizer, data, batch_rows=options.batch_rows, row_len=options.row_len,
-                          max_len=options.max_len, prefix=tokenizer.document_start if options.bos else (), mesh=mesh,
+                          max_len=options.max_len, prefix=tokenizer.prompt_start if options.bos else (), mesh=mesh,
                           rules=rules, on_progress=on_progress)
         return mc.summarize(scores)
-    engine = engine or generative.engine_for(cfg, params, tokenizer, tools=options.tools)
+    engine = engine or engine_for(cfg, params, tokenizer, tools=options.tools)
     result = generative.evaluate(
         engine, data, evaluated.grade, chat=options.chat, n=options.n, ks=options.ks, temperature=options.temperature,
         top_p=options.top_p, max_new_tokens=options.max_new_tokens,

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from llm import model, tasks
-from llm.evals.passk import pass_at_k
+from llm.evals import generative
 from llm.generate import engine_for
 from llm.train import loop, rollouts
 
@@ -65,10 +65,17 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
                                rollouts.task_scorer(task, rc.require_stop))
 
     def evaluate(params, step: int) -> dict[str, float]:
-        del step
-        return held_out_pass(engine_for(cfg, params, tokenizer, rc.tools), tokenizer, test_problems, task.reward,
-                             n=rc.eval_samples, temperature=rc.eval_temperature, max_new_tokens=rc.max_new_tokens,
-                             seed=rc.eval_seed, greedy=rc.eval_greedy, require_stop=rc.require_stop)
+        """Held-out pass@1 and pass@n (n samples at `eval_temperature`) and greedy pass@1, each with its 95%
+        half-interval, and the mean completion length of each: graded as the evals grade."""
+        engine, figures = engine_for(cfg, params, tokenizer, rc.tools), {}
+        runs = [("", rc.eval_samples, rc.eval_temperature)] + ([("greedy_", 1, 0.0)] if rc.eval_greedy else [])
+        for prefix, n, temperature in runs:
+            result = generative.evaluate(engine, test_problems, task.grade, n=n, ks=sorted({1, n}),
+                                         temperature=temperature, max_new_tokens=rc.max_new_tokens, batch_size=64,
+                                         seed=rc.eval_seed, require_stop=rc.require_stop)
+            figures |= {f"heldout/{prefix}{k}": v for k, v in result.summary(intervals=True).items()
+                        if k.startswith("pass@") or k == "completion_len"}
+        return figures
 
     return loop.Stage(
         cfg=cfg, tokenizer=tokenizer, axes=model.param_axes(cfg),
@@ -80,30 +87,6 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
                   + (f" ({rc.scale})" if rc.advantage == "grpo" else "")
                   + (", rewards shuffled (control)" if rc.shuffle_rewards else "")),
     )
-
-
-def _interval(values: list[float]) -> float:
-    """Half-width of the normal 95% interval of the mean of per-problem scores."""
-    return float(1.96 * np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-
-
-def held_out_pass(engine, tokenizer, problems, reward, *, n: int, temperature: float, max_new_tokens: int,
-                  seed: int, greedy: bool, require_stop: bool = True, batch_size: int = 64) -> dict[str, float]:
-    """Held-out pass@1 and pass@n (n samples at `temperature`) and greedy pass@1, each with its 95% half-interval,
-    and the mean completion length of each."""
-    figures = {}
-    runs = [("", n, temperature)] + ([("greedy_", 1, 0.0)] if greedy else [])
-    for prefix, count, temp in runs:
-        groups = rollouts.sample_problems(engine, tokenizer, problems, n=count, temperature=temp,
-                                          max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-        right = [sum(rollouts.sample_reward(reward, p, s, require_stop) == 1.0 for s in group)
-                 for p, group in zip(problems, groups)]
-        figures[f"heldout/{prefix}completion_len"] = float(np.mean([len(s.tokens) for g in groups for s in g]))
-        for k in sorted({1, count}):
-            scores = [pass_at_k(count, c, k) for c in right]
-            figures[f"heldout/{prefix}pass@{k}"] = float(np.mean(scores))
-            figures[f"heldout/{prefix}pass@{k}_ci95"] = _interval(scores)
-    return figures
 
 
 def plot_curves(workdir: str) -> None:

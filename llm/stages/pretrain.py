@@ -19,14 +19,15 @@ import ml_collections
 import numpy as np
 
 from llm import model, sharding
+from llm.bpe import train_bpe
 from llm.data.pipeline import HostBatches, make_pipeline
 from llm.data.sources import open_source, training_texts
 from llm.evals import bpb
 from llm.generate import Engine, SamplingParams
-from llm.tokenizer import Tokenizer, train_bpe
+from llm.tokenizer import Tokenizer
 from llm.train import loop
-from llm.train.start import host_batches, load_start, micro_batch_size
 from llm.train.losses import lm_loss
+from llm.train.start import host_batches, load_start, micro_batch_size
 
 NAME = "pretrain"
 
@@ -99,6 +100,6 @@ def _broadcast_bytes(data: bytes | None) -> bytes:
 def sample_texts(cfg, params, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations of fixed prompts from host params (`sharding.gather_to_host`)."""
     engine = Engine(cfg, jax.device_put(params, jax.local_devices()[0]), tokenizer)
-    encoded = [[*tokenizer.document_start, *tokenizer.encode(p)] for p in prompts]
+    encoded = [[*tokenizer.prompt_start, *tokenizer.encode(p)] for p in prompts]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=(tokenizer.eot,))
     return [p + s.text for p, [s] in zip(prompts, engine.generate(encoded, sampling))]

@@ -48,6 +48,7 @@ import numpy as np
 
 from llm import model, reward_model, sharding, tasks
 from llm.data import preferences as prefs
+from llm.errors import UserError
 from llm.generate import engine_for
 from llm.tasks import Problem
 from llm.train import loop, rollouts
@@ -122,7 +123,7 @@ def make_gold(rc: ml_collections.ConfigDict, hc: ml_collections.ConfigDict, task
     if hc.gold != "rule":
         return reward_model_scorer(hc.gold)
     if task.grade is None:
-        raise ValueError("rlhf.gold='rule' needs a verifiable data.task (spelling, arithmetic, gsm8k); "
+        raise UserError("rlhf.gold='rule' needs a verifiable data.task (spelling, arithmetic, gsm8k); "
                          "give a reward-model release as rlhf.gold for preference-pair prompts")
     gold = functools.partial(gold_score, task.reward, hc.gold_length_bonus, rc.max_new_tokens)
     return lambda problems, samples: np.asarray([gold(p, s.text, len(s.tokens)) for p, group in
@@ -144,7 +145,7 @@ def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] 
     """Prompts of preference pairs as a task without a reward: train and held-out prompts split by prompt; a prompt
     that does not `fit` (no room left for a reply) is left out and counted."""
     if not 0 < dc.held_out_fraction < 1:
-        raise ValueError(f"data.held_out_fraction is a share of the prompts in (0, 1), got {dc.held_out_fraction}")
+        raise UserError(f"data.held_out_fraction is a share of the prompts in (0, 1), got {dc.held_out_fraction}")
     found = prefs.open_pairs(dc.pairs_kind, dc.path)
     train, test = prefs.split_pairs(found.items, dc.held_out_fraction)
     unique = lambda pairs: list({p.split_key: Problem(messages=p.prompt, answer="", key=p.split_key)  # noqa: E731
@@ -156,7 +157,7 @@ def pair_prompts(dc: ml_collections.ConfigDict, fits: Callable[[Problem], bool] 
               f"prompts leave no room for a reply in data.seq_len and are left out")
     train, test = kept_train, kept_test
     if not train or not test:
-        raise ValueError(f"{dc.path}: no prompts to train on or hold out that fit ({found.describe()})")
+        raise UserError(f"{dc.path}: no prompts to train on or hold out that fit ({found.describe()})")
     by_split = {"train": train, "test": test}
     return tasks.Task(name="pairs", kind="generative",
                       problems=lambda split, n, seed: random.Random(seed).sample(by_split[split],
@@ -186,11 +187,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     gold = make_gold(rc, hc, task) if hc.gold_problems or hc.judge == "gold" else None  # loaded once
     judge = make_judge(rc, hc, task, gold)
     if hc.patience < 1:
-        raise ValueError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
+        raise UserError(f"rlhf.patience must be at least 1 evaluation, got {hc.patience}")
     # One draw split in two, so the gold prompts are disjoint from the monitor's.
     drawn = task.problems("test", rc.eval_problems + hc.gold_problems, rc.eval_seed)
     if len(drawn) < rc.eval_problems + hc.gold_problems:
-        raise ValueError(f"rl.eval_problems={rc.eval_problems} and rlhf.gold_problems={hc.gold_problems} ask for "
+        raise UserError(f"rl.eval_problems={rc.eval_problems} and rlhf.gold_problems={hc.gold_problems} ask for "
                          f"{rc.eval_problems + hc.gold_problems} held-out prompts; the task holds out {len(drawn)}")
     test_problems, gold_problems = drawn[:rc.eval_problems], drawn[rc.eval_problems:]
 
@@ -270,7 +271,7 @@ def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int,
     rc, hc = config.rl, config.rlhf
     cfg, params, tokenizer = rollouts.load_policy(config)
     if params is None:
-        raise ValueError("label_pairs samples a trained policy: set init_from (an SFT release or checkpoint)")
+        raise UserError("label_pairs samples a trained policy: set init_from (an SFT release or checkpoint)")
     task = prompt_task(config, tokenizer)
     gold = make_gold(rc, hc, task)
     problems = task.problems("train", n_prompts, 10_000_019 + seed)  # not the RL run's rollout draws

@@ -26,16 +26,16 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm import model, sharding, tasks
-from llm.config import base_config, model_config
+from llm.config import base_config
 from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
-from llm.data.pipeline import HostBatches
 from llm.generate import Engine, SamplingParams
 from llm.tasks import Message, Problem
 from llm.tokenizer import Tokenizer, tool_tokens
 from llm.tools import Calculator
 from llm.train import loop
 from llm.train.losses import lm_loss
+from llm.train.start import host_batches, load_start, micro_batch_size
 
 NAME = "sft"
 
@@ -128,27 +128,17 @@ def load_mixture(dc: ml_collections.ConfigDict, val_fraction: float
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     dc, tc = config.data, config.train
-    if config.init_from:
-        try:
-            cfg, initial_params, tokenizer = loop.load_init_from(config)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}\n(init_from={config.init_from!r}: the base model; configs/sft_tiny.py "
-                                    f"starts from the main job's release, `python -m launch.train --config "
-                                    f"configs/tiny.py --workdir runs/tiny`)") from e
-    else:  # a fresh model (tests, or a chat model trained from scratch)
-        cfg, initial_params, tokenizer = model_config(config), None, Tokenizer.load(dc.tokenizer)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
-    if tokenizer.n_vocab > cfg.vocab_size:
-        if initial_params is None:
-            raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids but model.vocab_size is "
-                             f"{cfg.vocab_size}; set --config.model.vocab_size={tokenizer.n_vocab} or larger")
+    try:  # without init_from, a fresh model (tests, or a chat model trained from scratch)
+        cfg, initial_params, tokenizer = load_start(config, chat=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}\n(init_from={config.init_from!r}: the base model; configs/sft_tiny.py "
+                                f"starts from the main job's release, `python -m launch.train --config "
+                                f"configs/tiny.py --workdir runs/tiny`)") from e
+    if tokenizer.n_vocab > cfg.vocab_size:  # a released base model without the chat and tool tokens
         print(f"adding {tokenizer.n_vocab - cfg.vocab_size} token rows (chat and tool tokens) to the "
               f"{cfg.vocab_size}-row embedding, each the mean of the existing rows")
         cfg, initial_params = add_vocab_rows(cfg, initial_params, tokenizer.n_vocab)
-    if dc.batch_size % tc.grad_accum:
-        raise ValueError(f"data.batch_size={dc.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
-    micro_batch = dc.batch_size // tc.grad_accum
+    micro_batch = micro_batch_size(dc.batch_size, tc.grad_accum, "data.batch_size")
     width = dc.seq_len + 1
 
     train_mix, val_mix, epochs, mixture_tasks, lines = load_mixture(dc, dc.val_fraction)
@@ -158,12 +148,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     if jax.process_index() == 0:
         print("sft data:\n  " + "\n  ".join(lines) + "\n  " + described)
 
-    num_shards = dc.num_shards or jax.process_count()
-    batches = HostBatches(
-        lambda i, n: cp.make_chat_pipeline(train, epochs, seq_len=dc.seq_len, batch_size=micro_batch,
-                                           seed=config.seed, pack_window=dc.pack_window, process_index=i,
-                                           process_count=n),
-        num_shards, jax.process_index(), jax.process_count())
+    batches = host_batches(config, lambda i, n: cp.make_chat_pipeline(
+        train, epochs, seq_len=dc.seq_len, batch_size=micro_batch, seed=config.seed, pack_window=dc.pack_window,
+        process_index=i, process_count=n))
 
     mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
     eval_fn = jax.jit(lambda params, batch: _eval_sums(cfg, params, batch, mesh, rules),

@@ -91,7 +91,7 @@ def replies(engine: Engine, problems: Sequence[Problem], sampling: SamplingParam
     in a rerun with the same batch size.
     """
     tokenizer = engine.tokenizer
-    stop = tuple(dict.fromkeys((tokenizer.end_of_turn, tokenizer.eot)))
+    stop = tokenizer.chat_stop_ids
     texts: list[list[str]] = []
     for b, start in enumerate(range(0, len(problems), batch_size)):
         batch = problems[start:start + batch_size]

@@ -40,7 +40,6 @@ from llm.config import EXECUTION_FIELDS, ModelConfig
 from llm.release import save_release
 from llm.tokenizer import Tokenizer
 from llm.train.logs import Writers, duration, first_logged, write_report
-from llm.train.start import load_init_from  # noqa: F401  (temporary: sft.py's import, until it uses load_start)
 from llm.train.optimizer import learning_rate_schedule, make_optimizer
 from llm.train.step import LossFn, StateLayout, init_opt_state, init_train_state, jit_train_step, place_params, \
     split_frozen
@@ -228,7 +227,7 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
         extra = {**host_figures, **(stage.step_figures(metrics) if stage.step_figures else {})}
         metrics |= extra
         bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
+        if _every(step, tc.log_every, tc.steps):
             now = time.perf_counter()
             steps_per_s = (step - clock_step) / max(now - clock, 1e-9)
             clock, clock_step = now, step
@@ -272,17 +271,17 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
         params, opt_state, device_metrics = step_fn(params, opt_state, batch, step_key(config.seed, step))
         flush()
         pending = (step, device_metrics, host_figures)
-        if stage.evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
+        if stage.evaluate is not None and _every(step, tc.eval_every, tc.steps):
             flush()
             evaluate(step)
-        if stage.sample is not None and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
+        if stage.sample is not None and tc.sample_every and _every(step, tc.sample_every, tc.steps):
             flush()
             host = sharding.gather_to_host(params)  # every process takes part; process 0 samples
             if jax.process_index() == 0:
                 for text in stage.sample(host):
                     bar.write(f"step {step:6d} | sample | {text!r}")
         stop = stage.should_stop is not None and stage.should_stop()
-        if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+        if _every(step, tc.checkpoint_every, tc.steps) or stop:
             flush()  # never checkpoint a step whose loss was not checked
             checkpointer.save(step, params, opt_state, config=config, tokenizer=stage.tokenizer,
                               data_iterator=stage.batches, run=run_item,
@@ -306,6 +305,11 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
         if stage.finish is not None:
             stage.finish(workdir, summary)
     return summary
+
+
+def _every(step: int, every: int, last: int) -> bool:
+    """Whether a hook that runs every `every` steps runs at `step`: always at the last step; 0: only then."""
+    return step == last or bool(every) and step % every == 0
 
 
 def _global_batch(micro_batches: list[dict[str, np.ndarray]], layout: StateLayout) -> dict[str, jax.Array]:

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llm import sharding
 from llm.config import base_config
 from llm.data import pair_rows
+from llm.errors import UserError
 from llm.tokenizer import Tokenizer
 from llm.train.start import host_batches, micro_batch_size
 
@@ -46,9 +47,9 @@ def base_pair_config(model_name: str = "tiny", sharding_name: str = "fsdp", data
 def check_pair_stage(config: ml_collections.ConfigDict, cfg, tokenizer: Tokenizer) -> int:
     """The micro-batch size of a stage that trains on pairs, after checking the config fits the model."""
     if tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
+        raise UserError(f"{tokenizer.name} has no chat format this project can render")
     if config.data.seq_len > cfg.max_seq_len:
-        raise ValueError(f"data.seq_len={config.data.seq_len} is longer than the model's context {cfg.max_seq_len}")
+        raise UserError(f"data.seq_len={config.data.seq_len} is longer than the model's context {cfg.max_seq_len}")
     return micro_batch_size(config.data.batch_size, config.train.grad_accum, "data.batch_size")
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from llm import sharding
 from llm.config import base_config
+from llm.errors import UserError
 from llm.generate import SamplingParams, engine_for
 from llm.tasks import Problem
 from llm.tokenizer import Tokenizer
@@ -103,7 +104,7 @@ def group_advantages(rewards_PxG: np.ndarray, scale: str = "group") -> tuple[np.
     0 / 0, and `degenerate_P` marks it so a stage can count or drop it.
     """
     if scale not in SCALES:
-        raise ValueError(f"rl.scale must be one of {SCALES}, got {scale!r}")
+        raise UserError(f"rl.scale must be one of {SCALES}, got {scale!r}")
     rewards_PxG, degenerate_P = _groups(rewards_PxG)
     centred_PxG = rewards_PxG - rewards_PxG.mean(axis=1, keepdims=True)
     if scale == "group":
@@ -127,7 +128,7 @@ def leave_one_out_advantages(rewards_PxG: np.ndarray) -> tuple[np.ndarray, np.nd
     rewards_PxG, degenerate_P = _groups(rewards_PxG)
     G = rewards_PxG.shape[1]
     if G < 2:
-        raise ValueError("RLOO needs at least 2 samples per prompt (data.samples_per_prompt)")
+        raise UserError("RLOO needs at least 2 samples per prompt (data.samples_per_prompt)")
     baseline_PxG = (rewards_PxG.sum(axis=1, keepdims=True) - rewards_PxG) / (G - 1)
     return np.where(degenerate_P[:, None], 0.0, rewards_PxG - baseline_PxG).astype(np.float32), degenerate_P
 
@@ -149,7 +150,7 @@ ADVANTAGES: dict[str, Callable[[ml_collections.ConfigDict], Callable[[np.ndarray
 def advantage_estimator(rc: ml_collections.ConfigDict) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The estimator `rl.advantage` names."""
     if rc.advantage not in ADVANTAGES:
-        raise ValueError(f"unknown rl.advantage {rc.advantage!r}; choose from {sorted(ADVANTAGES)}")
+        raise UserError(f"unknown rl.advantage {rc.advantage!r}; choose from {sorted(ADVANTAGES)}")
     return ADVANTAGES[rc.advantage](rc)
 
 
@@ -195,7 +196,7 @@ def rollout_rows(prompts: list[list[int]], samples: list[list[Any]], width: int)
     for i, (prompt, s) in enumerate(rows):
         sequence = list(prompt) + list(s.tokens)
         if len(sequence) > width + 1:
-            raise ValueError(f"a prompt of {len(prompt)} tokens and a completion of {len(s.tokens)} do not fit in "
+            raise UserError(f"a prompt of {len(prompt)} tokens and a completion of {len(s.tokens)} do not fit in "
                              f"data.seq_len={width} + 1; raise data.seq_len or lower rl.max_new_tokens")
         inputs_RxW[i, :len(sequence) - 1] = sequence[:-1]
         targets_RxW[i, :len(sequence) - 1] = sequence[1:]
@@ -238,7 +239,7 @@ class Rollouts:
         self.P, self.G = dc.prompts_per_step, dc.samples_per_prompt
         micro_batch_size(self.P * self.G, config.train.grad_accum, "data.prompts_per_step * samples_per_prompt")
         if rc.kl_beta and not rc.reference:
-            raise ValueError("rl.kl_beta > 0 needs rl.reference=True")
+            raise UserError("rl.kl_beta > 0 needs rl.reference=True")
         mesh, rules = sharding.make_mesh(config.mesh), dict(config.sharding)
         self.placement = sharding.batch_sharding(mesh, rules)
 

@@ -23,6 +23,7 @@ from llm import model
 from llm.checkpoint import Checkpointer
 from llm.config import EXECUTION_FIELDS, ModelConfig, model_config
 from llm.data.pipeline import HostBatches
+from llm.errors import UserError
 from llm.release import load_release
 from llm.tokenizer import Tokenizer
 
@@ -75,9 +76,9 @@ def load_start(config: ml_collections.ConfigDict, *, chat: bool = False,
         cfg, initial_params = model_config(config), None
         tokenizer = fresh_tokenizer() if fresh_tokenizer is not None else Tokenizer.load(config.data.tokenizer)
     if chat and tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer.name} has no chat format this project can render")
+        raise UserError(f"{tokenizer.name} has no chat format this project can render")
     if initial_params is None and tokenizer.n_vocab > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids but model.vocab_size is "
+        raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids but model.vocab_size is "
                          f"{cfg.vocab_size}; set --config.model.vocab_size={tokenizer.n_vocab} or larger")
     return cfg, initial_params, tokenizer
 
@@ -85,7 +86,7 @@ def load_start(config: ml_collections.ConfigDict, *, chat: bool = False,
 def micro_batch_size(rows: int, grad_accum: int, what: str) -> int:
     """Rows per micro-batch: `rows` per optimizer step (named `what` in the error) in `grad_accum` equal parts."""
     if rows % grad_accum:
-        raise ValueError(f"{what}={rows} is not divisible by train.grad_accum={grad_accum}")
+        raise UserError(f"{what}={rows} is not divisible by train.grad_accum={grad_accum}")
     return rows // grad_accum
 
 
