@@ -456,7 +456,7 @@ def main() -> None:
         print(f"seconds/step {times[sides[0]][0]!r}")
         print(f"peak_mib {peaks[sides[0]]!r}")
     peak = args.peak_tflops * 1e12 or matmul_peak_flops(np.float32 if args.dtype == "float32" else jax.numpy.bfloat16)
-    from llm.train.losses import loss_chunk
+    from llm.train.xent import loss_chunk
 
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), JAX "
           f"{jax.__version__}; GPT-2 arch {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, batch "

@@ -8,7 +8,7 @@ The loss is `lm_loss`'s reduction over `token_logprobs`' output head (GPT-2's ti
 [V, D] table, f32): `sum(mask * logprobs)` and its gradient with respect to the
 final hidden states and the table, jitted. chunk 0 is the full path
 (`model.output_logits` then optax's cross-entropy, autodiff); chunk > 0 is
-`losses.chunked_logprobs`. Figures:
+`xent.chunked_logprobs`. Figures:
 
 - XLA's plan (`jit(...).lower(...).compile().memory_analysis()`): temporary
   buffers, and temporaries + arguments + outputs (the gradients), the peak the
@@ -35,7 +35,7 @@ import optax
 
 from llm import model
 from llm.config import ModelConfig
-from llm.train import losses
+from llm.train import xent
 
 MiB = 2**20
 
@@ -56,7 +56,7 @@ def loss_and_grad(cfg: ModelConfig, chunk: int):
 
     def loss(x_BxTxD, head_VxD, targets_BxT, mask_BxT):
         if chunk:
-            logprobs_BxT = losses.chunked_logprobs(cfg, head_VxD, x_BxTxD, targets_BxT, chunk)
+            logprobs_BxT = xent.chunked_logprobs(cfg, head_VxD, x_BxTxD, targets_BxT, chunk)
         else:
             logits_BxTxV = model.output_logits(cfg, {"embed": head_VxD}, x_BxTxD)
             logprobs_BxT = -optax.losses.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)

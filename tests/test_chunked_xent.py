@@ -1,4 +1,4 @@
-"""Chunked cross-entropy (`losses.chunked_logprobs`): the full logits' values and gradients, a chunk at a time."""
+"""Chunked cross-entropy (`xent.chunked_logprobs`): the full logits' values and gradients, a chunk at a time."""
 
 import dataclasses
 import functools
@@ -11,7 +11,7 @@ import pytest
 
 from llm import model, sharding
 from llm.config import ModelConfig, base_config
-from llm.train import losses
+from llm.train import losses, xent
 from llm.train.step import StateLayout, init_train_state, jit_train_step
 
 CFG = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, mlp_dim=64,
@@ -48,7 +48,7 @@ def test_chunked_equals_full_in_value_and_gradient(tied, softcap, chunk):
         return jnp.sum(mask_BxT * logprobs_BxT), logprobs_BxT
 
     def chunked(x, h):
-        logprobs_BxT = losses.chunked_logprobs(cfg, h, x, targets_BxT, chunk)
+        logprobs_BxT = xent.chunked_logprobs(cfg, h, x, targets_BxT, chunk)
         return jnp.sum(mask_BxT * logprobs_BxT), logprobs_BxT
 
     (want, want_BxT), want_grads = jax.value_and_grad(full, (0, 1), has_aux=True)(x_BxTxD, head)
@@ -92,14 +92,14 @@ def test_lm_loss_step_on_a_sharded_mesh_equals_the_full_logits():
 
 
 def test_loss_chunk_knob():
-    assert losses.loss_chunk(dataclasses.replace(CFG, loss_chunk=-1)) == (0 if jax.default_backend() == "cpu"
-                                                                           else losses.AUTO_LOSS_CHUNK)
-    assert losses.loss_chunk(dataclasses.replace(CFG, loss_chunk=256)) == 256
+    assert xent.loss_chunk(dataclasses.replace(CFG, loss_chunk=-1)) == (0 if jax.default_backend() == "cpu"
+                                                                         else xent.AUTO_LOSS_CHUNK)
+    assert xent.loss_chunk(dataclasses.replace(CFG, loss_chunk=256)) == 256
     with pytest.raises(ValueError, match="loss_chunk"):
         dataclasses.replace(CFG, loss_chunk=-2)
     with pytest.raises(ValueError, match="positive"):
         cfg, head, x_BxTxD, targets_BxT, _ = _problem(True, 0.0)
-        losses.chunked_logprobs(cfg, head, x_BxTxD, targets_BxT, 0)
+        xent.chunked_logprobs(cfg, head, x_BxTxD, targets_BxT, 0)
 
 
 def test_bfloat16_compute_agrees_with_the_full_logits():
