@@ -245,16 +245,11 @@ def forward(
     return output_logits(cfg, params, x_BxTxD), cache
 
 
-def hidden_states(
-    cfg: ModelConfig,
-    params: Params,
-    tokens_BxT: jax.Array,
-    *,
-    positions_BxT: jax.Array | None = None,
-    segment_ids_BxT: jax.Array | None = None,
-    cache: Cache | None = None,
-) -> tuple[jax.Array, Cache | None]:
-    """The final-norm hidden states `forward` turns into logits (a sampler or reward head picks rows first)."""
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
+                  segment_ids_BxT: jax.Array | None = None, cache: Cache | None = None
+                  ) -> tuple[jax.Array, Cache | None]:
+    """The final-norm hidden states `forward` turns into logits (a sampler or reward head picks rows first); the
+    arguments are `forward`'s."""
     x_BxTxD, context = embed(cfg, params, tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT,
                              cache=cache)
     layer = functools.partial(block, cfg, context)

@@ -36,11 +36,6 @@ from llm.train.losses import dpo_loss_fn, sequence_logprobs
 NAME = "dpo"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
-    """Runs (or resumes) DPO as configured."""
-    return loop.run(NAME, build, config, workdir)
-
-
 def base_dpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
                     ) -> ml_collections.ConfigDict:
     """The pair sources (data.*) and DPO's knobs (dpo.*); configs start here."""
@@ -91,6 +86,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         describe=f"{len(train)} training pairs, beta {pc.beta}, label smoothing {pc.label_smoothing}"
                  + (", length-normalised" if pc.length_normalize else "") + "; " + "; ".join(lines),
     )
+
+
+run = loop.runner(NAME, build, "Runs (or resumes) DPO as configured.")
 
 
 def _pair_logprobs(cfg, mesh, rules, length_normalize, params, batch):

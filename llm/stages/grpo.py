@@ -26,8 +26,6 @@ intervals. At the end, `grpo.png` plots them.
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import ml_collections
 import numpy as np
@@ -35,14 +33,9 @@ import numpy as np
 from llm import model, tasks
 from llm.evals import generative
 from llm.generate import engine_for
-from llm.train import loop, rollouts
+from llm.train import logs, loop, rollouts
 
 NAME = "grpo"
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
-    """Runs (or resumes) GRPO as configured; writes `grpo.png` beside the report."""
-    return loop.run(NAME, build, config, workdir)
 
 
 def base_grpo_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
@@ -89,17 +82,14 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     )
 
 
+run = loop.runner(NAME, build, "Runs (or resumes) GRPO as configured; `grpo.png` beside the report.")
+
+
 def plot_curves(workdir: str) -> None:
     """grpo.png: the rollout reward and completion length per step, and the held-out pass@1 at each evaluation
     (left), the completion lengths (right: DeepSeek-R1's "thinking grows" curve); linked from report.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    fig, (ax, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = logs.metric_rows(workdir)
+    fig, (ax, ax_len) = logs.pyplot().subplots(1, 2, figsize=(11, 4))
 
     def per_step(axis, key: str, label: str) -> None:
         points = [(r["step"], r[key]) for r in rows if key in r]
@@ -125,10 +115,4 @@ def plot_curves(workdir: str) -> None:
     ax_len.set_xlabel("step")
     ax_len.set_ylabel("tokens")
     ax_len.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "grpo.png"), dpi=100)
-    plt.close(fig)
-    report = os.path.join(workdir, "report.md")
-    if os.path.exists(report):
-        with open(report, "a") as f:
-            f.write("\n![reward and held-out pass@1](grpo.png)\n")
+    logs.save_figure(fig, workdir, "grpo.png", "rollout and held-out pass@1, completion lengths")

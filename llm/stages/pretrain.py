@@ -32,11 +32,6 @@ from llm.train.start import host_batches, load_start, micro_batch_size
 NAME = "pretrain"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
-    """Runs (or resumes) pretraining as configured."""
-    return loop.run(NAME, build, config, workdir)
-
-
 def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     dc, tc = config.data, config.train
     cfg, initial_params, tokenizer = load_start(
@@ -61,6 +56,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         sample=lambda params: sample_texts(cfg, params, tokenizer, list(tc.sample_prompts), tc.sample_tokens),
         describe=f"{dc.source}, sequence {dc.seq_len}, batch {dc.batch_size}",
     )
+
+
+run = loop.runner(NAME, build, "Runs (or resumes) pretraining as configured.")
 
 
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:

@@ -33,11 +33,6 @@ from llm.train.start import load_start
 NAME = "reward"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
-    """Trains (or resumes training) a reward model as configured."""
-    return loop.run(NAME, build, config, workdir)
-
-
 def base_reward_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
                        ) -> ml_collections.ConfigDict:
     """The pair sources (data.*) and the reward model's knobs (reward.*); configs start here."""
@@ -89,6 +84,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         evaluate=evaluate, release=lambda directory, host: reward_model.save(directory, cfg, host, tokenizer),
         describe=described + (", backbone frozen" if rc.freeze_backbone else ""),
     )
+
+
+run = loop.runner(NAME, build, "Trains (or resumes training) a reward model as configured.")
 
 
 def reward_figures(total: dict[str, float]) -> dict[str, float]:

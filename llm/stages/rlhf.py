@@ -51,15 +51,10 @@ from llm.data import preferences as prefs
 from llm.errors import UserError
 from llm.generate import engine_for
 from llm.tasks import Problem
-from llm.train import loop, rollouts
+from llm.train import logs, loop, rollouts
 from llm.train.monitor import BestJudge, HackingMonitor, distinct_n
 
 NAME = "rlhf"
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
-    """Runs (or resumes) RLHF as configured; writes `rlhf.png` and the monitor's verdict into the report."""
-    return loop.run(NAME, build, config, workdir)
 
 
 def base_rlhf_config(model_name: str = "tiny", sharding_name: str = "fsdp", data_dir: str = "../shared/data"
@@ -259,6 +254,10 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     )
 
 
+run = loop.runner(NAME, build, "Runs (or resumes) RLHF as configured; `rlhf.png` and the monitor's verdict in the "
+                                "report.")
+
+
 # ----------------------------------------------------------------------------- gold-labelled pairs
 
 
@@ -299,19 +298,13 @@ def label_pairs(config: ml_collections.ConfigDict, n_prompts: int, samples: int,
 def plot_monitor(workdir: str, monitor: dict[str, Any]) -> None:
     """rlhf.png: proxy, judge and gold on held-out prompts against steps and KL, peaks marked (the monitor's state:
     its best and alarms); linked from report.md with the monitor's verdict."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if "eval/proxy" in line]
+    rows = [r for r in logs.metric_rows(workdir) if "eval/proxy" in r]
     if not rows:
         return
     steps = [r["step"] for r in rows]
     kl = [r["eval/kl"] for r in rows]
     gold_peak = max(rows, key=lambda r: r["eval/gold"]) if "eval/gold" in rows[0] else None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = logs.pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, x, label in ((axes[0], steps, "step"), (axes[1], kl, "KL to the starting policy (nats per reply)")):
         ax.plot(x, [r["eval/proxy"] for r in rows], "o-", label="proxy reward model")
         if "eval/judge" in rows[0]:
@@ -329,27 +322,27 @@ def plot_monitor(workdir: str, monitor: dict[str, Any]) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("mean score on held-out prompts")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "rlhf.png"), dpi=100)
-    plt.close(fig)
-    report = os.path.join(workdir, "report.md")
-    if os.path.exists(report):
-        verdict = ""
-        if monitor.get("alarm"):
-            verdict = (f"\nReward hacking detected at step {monitor['alarm']['step']}: the proxy kept rising while the "
-                       f"judge fell from its best ({monitor['best']['judge']:.4f} at step {monitor['best']['step']}; "
-                       f"that policy is in best_judge/).\n")
-        elif monitor.get("best"):
-            best = monitor["best"]
-            withdrawn = ", ".join(str(a["step"]) for a in monitor.get("alarms", []))
-            verdict = (f"\nNo reward hacking standing at the end; best judge {best['judge']:.4f} at step "
-                       f"{best['step']}" + (f" (alarms at steps {withdrawn} were withdrawn when the judge recovered)"
-                                            if withdrawn else "") + ".\n")
-        if gold_peak is not None and monitor.get("best"):
-            chosen, peak = monitor["best"]["step"], gold_peak["step"]
-            verdict += (f"\nGold (on prompts the monitor never sees): {rows[0]['eval/gold']:.4f} at the start, peak "
-                        f"{gold_peak['eval/gold']:.4f} at step {peak}, {rows[-1]['eval/gold']:.4f} at the end; the "
-                        f"monitor's best judge is {abs(chosen - peak)} steps from the gold peak"
-                        + (f" ({abs(chosen - peak) / peak:.0%} of it)" if peak else "") + ".\n")
-        with open(report, "a") as f:
-            f.write(verdict + "\n![proxy, judge and gold against steps and KL](rlhf.png)\n")
+    logs.save_figure(fig, workdir, "rlhf.png", "proxy, judge and gold against steps and KL", monitor_verdict(
+        monitor, rows, gold_peak))
+
+
+def monitor_verdict(monitor: dict[str, Any], rows: list[dict[str, Any]], gold_peak: dict | None) -> str:
+    """The report's lines on the monitor: the alarm standing or withdrawn, the best judge, the gold's course."""
+    verdict = ""
+    if monitor.get("alarm"):
+        verdict = (f"\nReward hacking detected at step {monitor['alarm']['step']}: the proxy kept rising while the "
+                   f"judge fell from its best ({monitor['best']['judge']:.4f} at step {monitor['best']['step']}; "
+                   f"that policy is in best_judge/).\n")
+    elif monitor.get("best"):
+        best = monitor["best"]
+        withdrawn = ", ".join(str(a["step"]) for a in monitor.get("alarms", []))
+        verdict = (f"\nNo reward hacking standing at the end; best judge {best['judge']:.4f} at step "
+                   f"{best['step']}" + (f" (alarms at steps {withdrawn} were withdrawn when the judge recovered)"
+                                        if withdrawn else "") + ".\n")
+    if gold_peak is not None and monitor.get("best"):
+        chosen, peak = monitor["best"]["step"], gold_peak["step"]
+        verdict += (f"\nGold (on prompts the monitor never sees): {rows[0]['eval/gold']:.4f} at the start, peak "
+                    f"{gold_peak['eval/gold']:.4f} at step {peak}, {rows[-1]['eval/gold']:.4f} at the end; the "
+                    f"monitor's best judge is {abs(chosen - peak)} steps from the gold peak"
+                    + (f" ({abs(chosen - peak) / peak:.0%} of it)" if peak else "") + ".\n")
+    return verdict

@@ -40,11 +40,6 @@ from llm.train.start import host_batches, load_start, micro_batch_size
 NAME = "sft"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.Summary:
-    """Runs (or resumes) supervised fine-tuning as configured."""
-    return loop.run(NAME, build, config, workdir)
-
-
 def base_sft_config(model: str = "tiny", sharding: str = "fsdp", data_dir: str = "../shared/data"
                     ) -> ml_collections.ConfigDict:
     """`base_config` with the stage's data (a conversation mixture) and chat-evaluation fields; configs start here."""
@@ -174,6 +169,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         sample=lambda params: chat_samples(cfg, params, tokenizer, list(tc.sample_prompts), tc.sample_tokens),
         describe=described,
     )
+
+
+run = loop.runner(NAME, build, "Runs (or resumes) supervised fine-tuning as configured.")
 
 
 def add_vocab_rows(cfg, params, n_vocab: int):

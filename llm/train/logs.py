@@ -64,20 +64,40 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def metric_rows(workdir: str) -> list[dict[str, Any]]:
+    """Every row of the run's metrics.jsonl, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def write_report(workdir: str, stage_name: str, stage: Any, summary: Any) -> None:
-    """loss.png from metrics.jsonl and a short report.md."""
+def pyplot():
+    """matplotlib's pyplot drawing to files (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    return plt
+
+
+def save_figure(fig, workdir: str, name: str, caption: str = "", note: str = "") -> None:
+    """Writes `fig` to workdir/name and closes it; with a caption, report.md (when written) gains `note` and the
+    picture."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, name), dpi=100)
+    pyplot().close(fig)
+    report = os.path.join(workdir, "report.md")
+    if caption and os.path.exists(report):
+        with open(report, "a") as f:
+            f.write(f"{note}\n![{caption}]({name})\n")
+
+
+def write_report(workdir: str, stage_name: str, stage: Any, summary: Any) -> None:
+    """loss.png from metrics.jsonl and a short report.md."""
+    rows = metric_rows(workdir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
     if val:
@@ -85,9 +105,7 @@ def write_report(workdir: str, stage_name: str, stage: Any, summary: Any) -> Non
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "loss.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, workdir, "loss.png")
     cfg = stage.cfg
     evals = "".join(f"- {k}: {v:.4f} (first evaluation: {summary.first_evals.get(k, math.nan):.4f})\n"
                     for k, v in summary.evals.items())

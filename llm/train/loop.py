@@ -172,6 +172,17 @@ def step_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def runner(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str], Stage], doc: str
+           ) -> Callable[[ml_collections.ConfigDict, str], Summary]:
+    """A stage module's `run(config, workdir) -> Summary`: `run(stage_name, build_stage, ...)`, documented by `doc`."""
+
+    def run_stage(config: ml_collections.ConfigDict, workdir: str) -> Summary:
+        return run(stage_name, build_stage, config, workdir)
+
+    run_stage.__doc__, run_stage.__name__ = doc, "run"
+    return run_stage
+
+
 def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str], Stage],
         config: ml_collections.ConfigDict, workdir: str) -> Summary:
     """Runs (or resumes) one stage as configured; returns the final losses and evaluations."""

@@ -87,7 +87,8 @@ class BestJudge:
     """
 
     def __init__(self, workdir: str, keep: int):
-        self.root, self.link, self.keep = os.path.join(workdir, "best_judge.steps"), os.path.join(workdir, "best_judge"), keep
+        self.root, self.link = os.path.join(workdir, "best_judge.steps"), os.path.join(workdir, "best_judge")
+        self.keep = keep
         self.saved_bests: list[int] = []  # the best step at each of the last `keep` checkpoint saves
         self.last_saved = -1
 
