@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm.chat_format import tool_tokens
 from llm.config import ModelConfig
-from llm.cpu_layout import CPU_LAYOUT
 from llm.engine_steps import Layout, decode_step, default_layout, prefill_step
-from llm.tokenizer import tool_tokens
 from llm.tools import Calculator, Tool
 
 
@@ -293,14 +292,3 @@ class _Fed:
     def matches(self, b: int, row: _Row) -> bool:
         """Whether the step fed the row's last token at its position, so its sample continues the row."""
         return self.position_B[b] == row.position and self.token_B[b] == row.last_token
-
-
-# The CPU layout under its old private names, which tests/test_model.py still reads; they go once it reads
-# llm.cpu_layout.
-_sampling_layout = CPU_LAYOUT.place
-_hidden_states = CPU_LAYOUT.hidden_states
-
-
-def _empty_cache(cfg: ModelConfig, params, batch: int, length: int):
-    del params
-    return CPU_LAYOUT.empty_cache(cfg, batch, length)

@@ -31,12 +31,9 @@ from typing import Any
 import tiktoken
 
 from llm import chat_format
-
-# ROLES, TOOLS and GPT4_SPLIT_PATTERN only stay importable from here until their importers switch.
-from llm.chat_format import OUR_CHAT, ROLES, TOOLS, ChatTemplate, tool_tokens  # noqa: F401
+from llm.chat_format import OUR_CHAT, ChatTemplate, tool_tokens
 from llm.encodings import (
     ENDOFTEXT,
-    GPT4_SPLIT_PATTERN,  # noqa: F401
     NAMED_ENCODINGS,
     SPECIAL_TOKENS,
     build_encoding,
@@ -273,16 +270,3 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
-
-
-_MOVED_TO_BPE = ("train_bpe", "read_texts", "Compression", "compression")
-
-
-def __getattr__(name: str) -> Any:
-    """The names that moved to `llm.bpe`, still importable from here until their importers switch."""
-    # Looked up on use: llm.bpe imports this module, so importing it at load time would be a cycle.
-    if name in _MOVED_TO_BPE:
-        from llm import bpe
-
-        return getattr(bpe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

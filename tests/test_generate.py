@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from hf_models import gpt2, llama
 from scripted import TOKENIZER, script, scripted_gpt2
+
 from llm import hf, model
+from llm.chat_format import tool_tokens
 from llm.config import ModelConfig
 from llm.cpu_layout import CPU_LAYOUT, LayerCache
 from llm.engine_steps import STACKED
 from llm.generate import Engine, SamplingParams, engine_for
 from llm.sampling import process_logits, sample_tokens, top_k_by_blocks
-from llm.tokenizer import tool_tokens
 from llm.tools import Calculator, Search
 
 SMALL = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_dim=128,

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import generate, model
+from llm import model
 from llm.config import ModelConfig, base_config, load_config, model_config
+from llm.cpu_layout import CPU_LAYOUT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,14 +59,14 @@ def _model_decoder(cfg, params, batch, max_len):
 
 def _engine_cpu_decoder(cfg, params, batch, max_len):
     """The sampling engine's CPU layout: per-layer blocks, an untied [D, V] head, its per-layer cache."""
-    cfg, params = generate._sampling_layout(cfg, params)
+    cfg, params = CPU_LAYOUT.place(cfg, params)
     assert isinstance(params["blocks"], list)
 
     def step(params, tokens_BxT, *, positions_BxT, cache):
-        x_BxTxD, cache = generate._hidden_states(cfg, params, tokens_BxT, positions_BxT, cache)
+        x_BxTxD, cache = CPU_LAYOUT.hidden_states(cfg, params, tokens_BxT, positions_BxT, cache)
         return model.output_logits(cfg, params, x_BxTxD), cache
 
-    return jax.jit(step), params, generate._empty_cache(cfg, params, batch, max_len)
+    return jax.jit(step), params, CPU_LAYOUT.empty_cache(cfg, batch, max_len)
 
 
 @pytest.mark.parametrize("layout", ["stacked_scan", "stacked_unrolled", "engine_cpu"])

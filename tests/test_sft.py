@@ -17,16 +17,16 @@ import numpy as np
 import optax
 import pytest
 
-from llm import model
+from llm import model, tasks
+from llm.bpe import train_bpe
 from llm.config import ModelConfig, load_config
 from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
 from llm.data.pipeline import best_fit_rows
 from llm.release import load_release
-from llm import tasks
 from llm.stages import sft
 from llm.tasks import gsm8k as gsm8k_task
-from llm.tokenizer import Tokenizer, train_bpe
+from llm.tokenizer import Tokenizer
 from llm.tools import Calculator
 from llm.train import losses
 from llm.train.step import train_step

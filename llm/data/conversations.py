@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from llm.chat_format import ROLES, TOOLS
 from llm.data.sources import DataError, hub_dataset_files
-from llm.tokenizer import ROLES, TOOLS
 
 log = logging.getLogger(__name__)
 

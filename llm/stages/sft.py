@@ -26,12 +26,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm import model, sharding, tasks
+from llm.chat_format import tool_tokens
 from llm.config import base_config
 from llm.data import chat_pipeline as cp
 from llm.data import conversations as conv
 from llm.generate import Engine, SamplingParams
 from llm.tasks import Message, Problem
-from llm.tokenizer import Tokenizer, tool_tokens
+from llm.tokenizer import Tokenizer
 from llm.tools import Calculator
 from llm.train import loop
 from llm.train.losses import lm_loss

@@ -249,7 +249,7 @@ def sequence_logprobs(cfg: ModelConfig, params: Any, tokens_BxW: jax.Array, mask
                       length_normalize: bool = False) -> jax.Array:
     """Log-probability of each row's masked tokens given what precedes them, summed (or averaged) per row: [B].
 
-    Rows are `preferences.render_pairs`' (tokens and a reply mask of width W); the
+    Rows are `pair_rows.render_pairs`' (tokens and a reply mask of width W); the
     model reads W - 1 inputs and predicts tokens 1..W-1 (a reply never starts a row).
     """
     batch = {"inputs": tokens_BxW[:, :-1], "targets": tokens_BxW[:, 1:]}
@@ -264,7 +264,7 @@ def dpo_loss_fn(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array | No
     """`dpo_loss` of the policy on a pair micro-batch with precomputed reference log-probabilities.
 
     The micro-batch: `chosen_tokens`, `chosen_mask`, `rejected_tokens`,
-    `rejected_mask` (`preferences.render_pairs`), `ref_chosen_logp`,
+    `rejected_mask` (`pair_rows.render_pairs`), `ref_chosen_logp`,
     `ref_rejected_logp` and `weights` (0 on padding pairs). Both sides go through
     one forward (stacked along the batch).
     """
@@ -282,7 +282,7 @@ def reward_loss_fn(cfg: ModelConfig, params: Any, batch: Batch, rng: jax.Array |
     """`bradley_terry_loss` of a reward model (`{"backbone", "head"}` params) on a pair micro-batch.
 
     The micro-batch: `chosen_tokens`, `chosen_length`, `rejected_tokens`,
-    `rejected_length` (`preferences.render_pairs`), `weights` (0 on padding pairs)
+    `rejected_length` (`pair_rows.render_pairs`), `weights` (0 on padding pairs)
     and optionally `margin`. Both sides go through one forward.
     """
     del rng
