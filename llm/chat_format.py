@@ -20,10 +20,23 @@ import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # rendering takes a Tokenizer; the tokenizer module imports this one
-    from llm.tokenizer import Tokenizer
+import tiktoken
+
+
+class Tokenizer(Protocol):
+    """What rendering needs of `llm.tokenizer.Tokenizer` (which imports this module, so it is not imported here)."""
+
+    name: str
+    encoding: tiktoken.Encoding
+    chat_template: ChatTemplate | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def token_id(self, special_token: str) -> int: ...
+
+    def split_special(self, template_text: str) -> list[str]: ...
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
