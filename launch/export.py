@@ -12,7 +12,7 @@ import argparse
 import os
 
 from launch import cli
-from llm import gguf, hf
+from llm import gguf_export, hf
 from llm.release import HF_DIR_TOKENIZER, load_release
 
 
@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", required=True, help="a release directory (or anything launch.sample loads)")
     parser.add_argument("--format", required=True, choices=("gguf", "hf"))
     parser.add_argument("--out", required=True, help="the .gguf file, or the Hugging Face directory")
-    parser.add_argument("--dtype", default="f32", choices=gguf.WRITE_TYPES, help="GGUF weight type")
+    parser.add_argument("--dtype", default="f32", choices=gguf_export.WRITE_TYPES, help="GGUF weight type")
     parser.add_argument("--name", help="the model's name in the GGUF metadata (default: the checkpoint's)")
     args = parser.parse_args(argv)
     if args.format == "gguf":  # before the model is loaded: a bad --out fails in a second, not after the load
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     cfg, params, tokenizer = load_release(args.checkpoint)
     if args.format == "gguf":
         name = args.name or os.path.basename(os.path.normpath(args.checkpoint))
-        gguf.save_gguf(args.out, cfg, params, tokenizer, dtype=args.dtype, name=name)
+        gguf_export.save_gguf(args.out, cfg, params, tokenizer, dtype=args.dtype, name=name)
     else:
         hf.save_hf(cfg, params, args.out)
         tokenizer.save(os.path.join(args.out, HF_DIR_TOKENIZER))

@@ -1,7 +1,7 @@
-"""GGUF (llama.cpp, LM Studio) in and out: model config, params and tokenizer.
+"""GGUF (llama.cpp, LM Studio) in: model config, params and tokenizer; `llm.gguf_export` writes them out.
 
     cfg, params, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # or "owner/repo/file.gguf" on the hub
-    save_gguf("model.gguf", cfg, params, tokenizer, dtype="q8_0")           # llama.cpp and LM Studio run it
+    gguf_export.save_gguf("model.gguf", cfg, params, tokenizer, dtype="q8_0")   # llama.cpp and LM Studio run it
 
 Reading and writing go through the `gguf` package (its reader, writer and
 `gguf.quants`); quantized tensors are dequantized to float32 on load. Tensors map
@@ -40,11 +40,10 @@ from llm.config import ModelConfig
 from llm.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "gpt2")
-# Tensor types read (dequantized to float32) and written.
+# Tensor types read (dequantized to float32); `gguf_export.WRITE_TYPES` are written.
 READ_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-WRITE_TYPES = ("f32", "f16", "q8_0")
 
-_LLAMA_NAMES = {  # Hugging Face (after "model.") -> GGUF
+LLAMA_NAMES = {  # Hugging Face (after "model.") -> GGUF
     "embed_tokens.weight": "token_embd.weight",
     "norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
@@ -58,7 +57,7 @@ _LLAMA_NAMES = {  # Hugging Face (after "model.") -> GGUF
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-_GPT2_NAMES = {  # Hugging Face (after "transformer.") -> GGUF
+GPT2_NAMES = {  # Hugging Face (after "transformer.") -> GGUF
     "wte.weight": "token_embd.weight",
     "wpe.weight": "position_embd.weight",
     "ln_f.weight": "output_norm.weight",
@@ -76,7 +75,7 @@ _GPT2_NAMES = {  # Hugging Face (after "transformer.") -> GGUF
     "mlp.c_proj.weight": "ffn_down.weight",
     "mlp.c_proj.bias": "ffn_down.bias",
 }
-_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 class GGUFError(ValueError):
@@ -266,19 +265,19 @@ def _dequantize(path: str, tensor) -> np.ndarray:
         raise GGUFError(f"{path}: tensor {tensor.name} ({kind}, shape {shape}) could not be dequantized: {e}") from e
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Hugging Face query/key rows -> llama.cpp's: each head's two halves interleaved, as its RoPE rotates pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of `_permute`."""
+    """The inverse of `permute_rope_rows`."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Every weight of a GGUF file under its Hugging Face name, dequantized, in Hugging Face layout."""
-    names = _LLAMA_NAMES if cfg.family == "llama" else _GPT2_NAMES
+    names = LLAMA_NAMES if cfg.family == "llama" else GPT2_NAMES
     to_hf = {v: k for k, v in names.items()}
     prefix = "model." if cfg.family == "llama" else "transformer."
     out: dict[str, np.ndarray] = {}
@@ -297,7 +296,7 @@ def _hf_tensors(path: str, cfg: ModelConfig, tensors: Mapping[str, Any]) -> dict
         w = _dequantize(path, tensor)
         if cfg.family == "llama" and base in ("attn_q.weight", "attn_k.weight"):
             w = _unpermute(w, cfg.n_head if base == "attn_q.weight" else cfg.n_kv_head)
-        if cfg.family == "gpt2" and base in _GPT2_TRANSPOSED:
+        if cfg.family == "gpt2" and base in GPT2_TRANSPOSED:
             w = w.T
         hf_name = to_hf[base]
         if match:  # a block's tensor: model.layers.{i}.… (Llama) or transformer.h.{i}.… (GPT-2)
@@ -339,7 +338,7 @@ def read_tokenizer(path: str, reader, meta: Mapping[str, Any]) -> Tokenizer:
         template = ChatTemplate.from_jinja(meta["tokenizer.chat_template"], special)
     else:
         template = None
-    if "llm.eot" in meta:  # written by save_gguf: our own document tokens, exactly
+    if "llm.eot" in meta:  # written by gguf_export.save_gguf: our own document tokens, exactly
         bos, eot = meta.get("llm.bos"), meta["llm.eot"]
     else:
         try:
@@ -356,146 +355,3 @@ def read_tokenizer(path: str, reader, meta: Mapping[str, Any]) -> Tokenizer:
     return hf_tokenizer.from_vocab(tokens, merges, pre=pre, special=special, source=path, chat_template=template,
                                    bos=bos, eot=eot, prompt_start=prompt_start,
                                    name=meta.get("llm.tokenizer_name") or meta.get("general.name") or "gguf")
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def save_gguf(path: str, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, *, dtype: str = "f32",
-              name: str = "llm") -> None:
-    """Writes a GGUF file llama.cpp runs: weights as `dtype` (f32, f16 or q8_0; norms, biases stay f32), tokenizer, chat template."""
-    import gguf
-
-    if dtype not in WRITE_TYPES:
-        raise ValueError(f"GGUF dtype {dtype!r}: expected one of {WRITE_TYPES}")
-    if cfg.qk_norm or cfg.logit_softcap:
-        raise ValueError("qk_norm and logit_softcap have no llama.cpp GPT-2/Llama equivalent; cannot export to GGUF")
-    if tokenizer.n_vocab > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model only {cfg.vocab_size} logits")
-    arch = cfg.family
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name(name)
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.mlp_dim)
-    w.add_head_count(cfg.n_head)
-    w.add_vocab_size(cfg.vocab_size)
-    if arch == "gpt2":
-        if cfg.n_kv_head != cfg.n_head:
-            raise ValueError("llama.cpp's GPT-2 has no grouped-query attention; cannot export n_kv_head < n_head")
-        w.add_layer_norm_eps(cfg.norm_eps)
-    else:
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_rope_dimension_count(cfg.head_dim)
-        if cfg.rope_factor != 1.0:
-            w.add_tensor("rope_freqs.weight", rope_factors(cfg))
-            for key in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
-                w.add_float32(f"llm.{key}", getattr(cfg, key))
-            w.add_uint32("llm.rope_original_max_len", cfg.rope_original_max_len)
-    _add_tokenizer(w, cfg, tokenizer)
-    for hf_name, tensor in hf.params_to_hf(cfg, params).items():
-        gguf_name = _gguf_name(cfg, hf_name)
-        base = gguf_name.split(".", 2)[-1] if gguf_name.startswith("blk.") else gguf_name
-        if arch == "llama" and base in ("attn_q.weight", "attn_k.weight"):
-            tensor = _permute(tensor, cfg.n_head if base == "attn_q.weight" else cfg.n_kv_head)
-        if arch == "gpt2" and base in _GPT2_TRANSPOSED:
-            tensor = tensor.T
-        _add_weight(w, gguf_name, np.ascontiguousarray(tensor, np.float32), dtype)
-    if arch == "gpt2":  # llama.cpp's GPT-2 converter stores the tied head; older llama.cpp builds require it
-        _add_weight(w, "output.weight", np.ascontiguousarray(np.asarray(params["embed"], np.float32)), dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _gguf_name(cfg: ModelConfig, hf_name: str) -> str:
-    if cfg.family == "llama":
-        if hf_name == "lm_head.weight":
-            return "output.weight"
-        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
-        return f"blk.{match.group(1)}.{_LLAMA_NAMES[match.group(2)]}" if match else _LLAMA_NAMES[hf_name.removeprefix("model.")]
-    match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", hf_name)
-    return f"blk.{match.group(1)}.{_GPT2_NAMES[match.group(2)]}" if match else _GPT2_NAMES[hf_name.removeprefix("transformer.")]
-
-
-def _add_weight(writer, name: str, tensor: np.ndarray, dtype: str) -> None:
-    """Matrices as `dtype`; vectors (norms, biases) and position tables f32, as llama.cpp expects them."""
-    import gguf
-
-    if tensor.ndim < 2 or dtype == "f32" or name == "position_embd.weight":
-        writer.add_tensor(name, tensor)
-    elif dtype == "f16" or tensor.shape[-1] % 32:  # Q8_0 packs rows in blocks of 32; llama.cpp falls back the same way
-        writer.add_tensor(name, tensor.astype(np.float16))
-    else:
-        qtype = gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
-
-
-def _add_tokenizer(writer, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
-    """The tiktoken encoding as llama.cpp's byte-level BPE: tokens by id, merges, types, pre-tokenizer, chat template."""
-    enc = tokenizer.encoding
-    pre = hf_tokenizer.pre_tokenizer_of_pattern(enc._pat_str)
-    if pre is None:
-        raise ValueError(f"tokenizer {tokenizer.name}: its split pattern has no llama.cpp pre-tokenizer "
-                         f"(supported: {sorted(hf_tokenizer.PRE_TOKENIZERS)}); cannot export to GGUF")
-    by_id: dict[int, bytes] = {rank: token for token, rank in enc._mergeable_ranks.items()}
-    special = {i: t for t, i in enc._special_tokens.items()}
-    tokens, types = [], []
-    for i in range(cfg.vocab_size):  # every row of the embedding gets a token; gaps are padding
-        if i in by_id:
-            tokens.append(hf_tokenizer.token_string(by_id[i]))
-            types.append(1)
-        elif i in special:
-            tokens.append(special[i])
-            types.append(3)
-        else:
-            tokens.append(f"[PAD{i}]")
-            types.append(5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(enc._mergeable_ranks))
-    writer.add_eos_token_id(tokenizer.eot)
-    # llama.cpp prepends tokenizer.ggml.bos_token_id iff add_bos_token: so a prompt starts as ours does.
-    start = tokenizer.prompt_start
-    if len(start) > 1:
-        raise ValueError(f"tokenizer {tokenizer.name}: prompts start with {len(start)} tokens {start}; GGUF's "
-                         "add_bos_token prepends one")
-    bos_id = start[0] if start else tokenizer.bos[0] if tokenizer.bos else None
-    if bos_id is not None:
-        writer.add_bos_token_id(bos_id)
-    writer.add_add_bos_token(bool(start))
-    writer.add_string("llm.tokenizer_name", tokenizer.name)
-    writer.add_string("llm.eot", tokenizer.eot_token)
-    if tokenizer.bos_token is not None:
-        writer.add_string("llm.bos", tokenizer.bos_token)
-    template = tokenizer.chat_template
-    writer.add_string("llm.chat_template", json.dumps(template and dataclasses.asdict(template)))
-    if template is not None:
-        writer.add_chat_template(template.to_jinja())
-        writer.add_eot_token_id(tokenizer.end_of_turn)
-
-
-def _merges(ranks: Mapping[bytes, int]) -> list[str]:
-    """A merge list under which Hugging Face's and llama.cpp's BPE encode as tiktoken does.
-
-    tiktoken merges the adjacent pair whose concatenation ranks lowest, whichever two
-    parts it is made of; so every split of a token into two tokens is a merge, ordered
-    by the rank of the result (as transformers' TikTokenConverter does).
-    """
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in ranks and right in ranks and ranks[left] < rank and ranks[right] < rank:
-                merges.append((rank, ranks[left], ranks[right], left, right))
-    merges.sort()
-    return [f"{hf_tokenizer.token_string(a)} {hf_tokenizer.token_string(b)}" for *_, a, b in merges]

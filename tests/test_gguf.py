@@ -23,7 +23,7 @@ from launch import chat as chat_cli
 from launch import export as export_cli
 from launch import sample as sample_cli
 from launch import sampling_flags
-from llm import gguf, hf, hf_tokenizer, model
+from llm import gguf, gguf_export, hf, hf_tokenizer, model
 from llm.bpe import read_texts, train_bpe
 from llm.chat_format import OUR_CHAT, ChatTemplate
 from llm.generate import Engine, SamplingParams
@@ -103,7 +103,7 @@ def _assert_near_greedy(cfg, params, prompt, tokens, tolerance):
 def test_f32_export_matches_transformers_and_reloads_exactly(kind, tiny_tok, tmp_path):
     cfg, params = _tiny(*TINY[kind])
     path = tmp_path / "m.gguf"
-    gguf.save_gguf(str(path), cfg, params, tiny_tok, dtype="f32")
+    gguf_export.save_gguf(str(path), cfg, params, tiny_tok, dtype="f32")
     ours = _logits(cfg, params, PROMPT)
     with torch.no_grad():
         theirs = _transformers(path)(torch.tensor(PROMPT)).logits.numpy()
@@ -125,7 +125,7 @@ def test_q8_0_export_is_read_alike_by_transformers_and_keeps_greedy_tokens(tiny_
     and every greedy token is f32's choice or within 2% of the logit range of it."""
     cfg, params = _tiny("llama", False)
     path = tmp_path / "m.q8_0.gguf"
-    gguf.save_gguf(str(path), cfg, params, tiny_tok, dtype="q8_0")
+    gguf_export.save_gguf(str(path), cfg, params, tiny_tok, dtype="q8_0")
     reader = gguf.read(str(path))
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
@@ -159,7 +159,7 @@ def test_quantized_tensor_types_load_alike_in_ours_and_transformers(kind, tiny_t
     cfg = hf.model_config_from_hf(torch_model.config.to_dict())
     params = hf.params_from_hf(cfg, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
     qtype = gguf_lib.GGMLQuantizationType[kind]
-    add_weight = gguf._add_weight
+    add_weight = gguf_export._add_weight
 
     def quantized(writer, name, tensor, dtype):
         if tensor.ndim < 2:
@@ -168,9 +168,9 @@ def test_quantized_tensor_types_load_alike_in_ours_and_transformers(kind, tiny_t
                else gguf_lib.quants.quantize(tensor, qtype))
         writer.add_tensor(name, raw, raw_dtype=qtype)
 
-    monkeypatch.setattr(gguf, "_add_weight", quantized)
+    monkeypatch.setattr(gguf_export, "_add_weight", quantized)
     path = tmp_path / f"m.{kind}.gguf"
-    gguf.save_gguf(str(path), cfg, params, tiny_tok)
+    gguf_export.save_gguf(str(path), cfg, params, tiny_tok)
     assert {t.tensor_type.name for t in gguf.read(str(path)).tensors if len(t.shape) == 2} == {kind}
     cfg2, params2, _ = gguf.load_gguf(str(path))
     ours = _logits(cfg2, params2, PROMPT)
@@ -187,7 +187,7 @@ def test_quantized_tensor_types_load_alike_in_ours_and_transformers(kind, tiny_t
 def test_llama31_rope_scaling_travels_as_rope_freqs(tiny_tok, tmp_path):
     cfg, params = _tiny("llama", True, rope_scaling=True)
     path = tmp_path / "m.gguf"
-    gguf.save_gguf(str(path), cfg, params, tiny_tok)
+    gguf_export.save_gguf(str(path), cfg, params, tiny_tok)
     reader = gguf.read(str(path))
     freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     np.testing.assert_allclose(np.asarray(freqs.data), gguf.rope_factors(cfg))
@@ -254,7 +254,7 @@ def test_gguf_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 def good_file(tiny_tok, tmp_path):
     cfg, params = _tiny("llama", True)
     path = tmp_path / "good.gguf"
-    gguf.save_gguf(str(path), cfg, params, tiny_tok)
+    gguf_export.save_gguf(str(path), cfg, params, tiny_tok)
     return path, cfg, params
 
 
@@ -276,21 +276,21 @@ def test_unsupported_architecture_tensor_type_and_pre_tokenizer_name_the_field(t
         gguf.load_gguf(str(tmp_path / "mamba.gguf"))
 
     cfg, params = _tiny("llama", True)
-    add_weight = gguf._add_weight
+    add_weight = gguf_export._add_weight
 
     def int_norm(writer, name, tensor, dtype):
         if name == "blk.1.ffn_norm.weight":
             return writer.add_tensor(name, tensor.astype(np.int32))
         return add_weight(writer, name, tensor, dtype)
 
-    monkeypatch.setattr(gguf, "_add_weight", int_norm)
-    gguf.save_gguf(str(tmp_path / "int.gguf"), cfg, params, tiny_tok)
+    monkeypatch.setattr(gguf_export, "_add_weight", int_norm)
+    gguf_export.save_gguf(str(tmp_path / "int.gguf"), cfg, params, tiny_tok)
     with pytest.raises(gguf.GGUFError, match=r"int.gguf: tensor blk.1.ffn_norm.weight has type I32"):
         gguf.load_gguf(str(tmp_path / "int.gguf"))
-    monkeypatch.setattr(gguf, "_add_weight", add_weight)
+    monkeypatch.setattr(gguf_export, "_add_weight", add_weight)
 
     monkeypatch.setattr(hf_tokenizer, "pre_tokenizer_of_pattern", lambda pattern: "jais")
-    gguf.save_gguf(str(tmp_path / "pre.gguf"), cfg, params, tiny_tok)
+    gguf_export.save_gguf(str(tmp_path / "pre.gguf"), cfg, params, tiny_tok)
     with pytest.raises(gguf.GGUFError, match=r"pre.gguf: tokenizer.ggml.pre is 'jais'"):
         gguf.load_gguf(str(tmp_path / "pre.gguf"))
 
@@ -317,7 +317,7 @@ def test_export_keeps_the_prompt_start_rule(rule, tiny_tok, tmp_path):
     assert start == ([tok.eot] if rule is None else [tok.token_id(t) for t in rule])
     for i in range(2):  # the export, then a re-export of what was read back
         path = tmp_path / f"m{i}.gguf"
-        gguf.save_gguf(str(path), cfg, params, tok)
+        gguf_export.save_gguf(str(path), cfg, params, tok)
         meta = gguf.metadata(gguf.read(str(path)))
         assert meta["tokenizer.ggml.add_bos_token"] == bool(start)
         assert not start or meta["tokenizer.ggml.bos_token_id"] == start[0]
@@ -372,7 +372,7 @@ def _vocab_of(tok: Tokenizer, size: int):
     enc = tok.encoding
     by_id = {rank: hf_tokenizer.token_string(t) for t, rank in enc._mergeable_ranks.items() if rank < size}
     by_id.update({i: t for t, i in enc._special_tokens.items()})
-    return [by_id.get(i, f"[PAD{i}]") for i in range(size)], gguf._merges(enc._mergeable_ranks)
+    return [by_id.get(i, f"[PAD{i}]") for i in range(size)], gguf_export._merges(enc._mergeable_ranks)
 
 
 @pytest.mark.parametrize("which", ["gpt2", "tiny"])
@@ -635,7 +635,7 @@ def test_llama_cpp_runs_our_exports(kind, tiny_tok, tmp_path):
     ours = _greedy(cfg, params, prompt, 8)
     for dtype in ("f32", "q8_0"):
         path = tmp_path / f"m.{dtype}.gguf"
-        gguf.save_gguf(str(path), cfg, params, tiny_tok, dtype=dtype)
+        gguf_export.save_gguf(str(path), cfg, params, tiny_tok, dtype=dtype)
         llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, logits_all=True, n_threads=2)
         for text in HARD_TEXTS[:7]:  # llama.cpp tokenizes with the exported vocabulary, merges and pre-tokenizer
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == tiny_tok.encode(text), text
