@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from llm.chat_format import ROLES, TOOLS
-from llm.data.sources import DataError, hub_dataset_files
+from llm.data.hub import hub_dataset_files
+from llm.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def read_hub(repo_id: str, split: str = "train", *, all_paths: bool = False, max
     """A Hugging Face chat dataset by id: its parquet files of `split` (e.g. `train`, `train_sft`, `validation`).
 
     Downloads share FineWeb's cache, progress bars and offline behaviour
-    (`sources.hub_dataset_files`). The shape is read from the columns: `messages`
+    (`hub.hub_dataset_files`). The shape is read from the columns: `messages`
     (smol-smoltalk, ultrachat_200k), `conversations` (ShareGPT) or OpenAssistant
     rows (`message_id`, `parent_id`: oasst1, oasst2).
     """

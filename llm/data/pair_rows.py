@@ -23,7 +23,7 @@ import numpy as np
 from llm.data.conversations import Message
 from llm.data.pipeline import _process_slice
 from llm.data.preferences import Pair, open_pairs, split_pairs
-from llm.data.sources import DataError
+from llm.errors import DataError
 from llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from llm.data.conversations import Collector, Errors, Message, Records, _jsonl_records, _plain, check_messages
-from llm.data.sources import DataError, hub_dataset_files, validation_mask
+from llm.data.hub import hub_dataset_files
+from llm.data.sources import validation_mask
+from llm.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def read_hub_pairs(repo_id: str, split: str = "train", *, folder: str = "", max_
     transcripts), `HuggingFaceH4/ultrafeedback_binarized` (split `train_prefs`:
     parquet, message lists), `OpenAssistant/oasst1` (split `validation`: message
     rows, read as ranked siblings). Downloads share FineWeb's cache, progress and
-    offline errors (`sources.hub_dataset_files`).
+    offline errors (`hub.hub_dataset_files`).
     """
     import pyarrow.parquet as pq
 

@@ -18,7 +18,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm import sharding
-from llm.data.pipeline import HostBatches, make_pipeline
+from llm.data.host_batches import HostBatches
+from llm.data.pipeline import make_pipeline
 from llm.tokenizer import Tokenizer
 from llm.train.losses import lm_loss
 

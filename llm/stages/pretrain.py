@@ -20,7 +20,8 @@ import numpy as np
 
 from llm import model, sharding
 from llm.bpe import train_bpe
-from llm.data.pipeline import HostBatches, make_pipeline
+from llm.data.host_batches import HostBatches
+from llm.data.pipeline import make_pipeline
 from llm.data.sources import open_source, training_texts
 from llm.evals import bpb
 from llm.generate import Engine, SamplingParams

@@ -33,7 +33,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from llm.data.sources import DataError, hub_dataset_files
+from llm.data.hub import hub_dataset_files
+from llm.errors import DataError
 from llm.tasks import MultipleChoice, Task, check_split, draw, find, once
 
 LETTERS = "ABCDEFGHIJ"

@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from llm.data.sources import DataError
+from llm.errors import DataError
 from llm.tasks import Message, Problem, Task, check_split, draw, find, once
 from llm.tasks.choice_sets import read_records
 from llm.tools import Calculator

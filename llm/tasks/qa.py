@@ -168,7 +168,7 @@ def read_hub(repo_id: str, split: str = "validation", *, config: str = "", skip:
     """Problems from a hub dataset's parquet files of `split` (under the `config` folder, e.g. `rc.nocontext`)."""
     import pyarrow.parquet as pq
 
-    from llm.data.sources import hub_dataset_files
+    from llm.data.hub import hub_dataset_files
 
     def keep(name: str) -> bool:
         return name.endswith(".parquet") and Path(name).name.startswith(f"{split}-")

@@ -22,7 +22,7 @@ import numpy as np
 from llm import model
 from llm.checkpoint import Checkpointer
 from llm.config import EXECUTION_FIELDS, ModelConfig, model_config
-from llm.data.pipeline import HostBatches
+from llm.data.host_batches import HostBatches
 from llm.errors import UserError
 from llm.release import load_release
 from llm.tokenizer import Tokenizer
