@@ -63,6 +63,7 @@ def test_chunked_equals_full_in_value_and_gradient(tied, softcap, chunk):
     assert float(jnp.max(jnp.abs(got_grads[0] * (1 - mask_BxT)[..., None]))) == 0.0
 
 
+@pytest.mark.slow
 def test_lm_loss_step_on_a_sharded_mesh_equals_the_full_logits():
     """One SGD step of `lm_loss` through the generic step, vocabulary split over `tensor`: same loss, same update."""
     config = base_config("tiny", sharding="fsdp_tp")
@@ -102,6 +103,7 @@ def test_loss_chunk_knob():
         xent.chunked_logprobs(cfg, head, x_BxTxD, targets_BxT, 0)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_agrees_with_the_full_logits():
     """bf16 compute (the GPU default): chunked and full differ only by bf16 rounding of the logits' gradient."""
     rng = np.random.RandomState(2)

@@ -240,6 +240,7 @@ def _child(mode: str, packing: str, workers: int, ckpt: str, out: str, k: int = 
         it.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing,workers", [("concat", 0), ("bos_best_fit", 1)])
 def test_resume_in_a_new_process_continues_the_stream_exactly(tmp_path, packing, workers):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}

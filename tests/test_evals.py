@@ -92,6 +92,7 @@ def _dp_mesh():
     return sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)), rules
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_choice_logliks_equal_transformers_whatever_the_batching(family, tiny_tok):
     torch_model = gpt2(320, n_positions=256) if family == "gpt2" else llama(tie=False, rope_scaling=True, vocab_size=320)
@@ -199,6 +200,7 @@ def test_gsm8k_problems_and_grade():
     assert gsm8k.grade(problems[2], "a profit of $70,000.\n#### 70,000") and not gsm8k.grade(problems[2], "#### 7000")
 
 
+@pytest.mark.slow
 def test_generative_eval_end_to_end_and_pass_at_k_from_the_grades(tiny_tok):
     cfg = ModelConfig(family="llama", vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_dim=128,
                       max_seq_len=128, rope_theta=10_000.0)
@@ -227,6 +229,7 @@ def test_generative_eval_end_to_end_and_pass_at_k_from_the_grades(tiny_tok):
         generative.evaluate(engine, problems, grade, n=2, ks=(3,))
 
 
+@pytest.mark.slow
 def test_launch_eval_writes_a_report_card_equal_to_the_library_calls(tiny_tok, tmp_path, capsys):
     from launch import eval as launch_eval
     from llm.evals import registry
@@ -315,6 +318,7 @@ GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.mark.skipif(not GGUF.exists() or not (SHARED / "data" / "evals").exists(),
                     reason="needs ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf and ../shared/data/evals")
+@pytest.mark.slow
 def test_smollm2_gguf_logliks_equal_transformers():
     import transformers
 

@@ -25,6 +25,7 @@ SMALL = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_embd=64, n_head=
                     max_seq_len=64, tie_embeddings=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_prompts", [2, 8], ids=["few_rows", "batched"])  # 4+ rows: the batched CPU step
 def test_greedy_with_cache_equals_argmax_of_full_recomputation(n_prompts):
     params = model.init_params(SMALL, jax.random.key(0))
@@ -63,6 +64,7 @@ def test_samples_of_a_prompt_share_its_prefill_and_each_stays_exact(layout):
             _recomputed_logits(params, prompt, sample)  # checks every log-probability
 
 
+@pytest.mark.slow
 def test_the_engines_cpu_cache_holds_and_attends_as_the_models_cache():
     """64 rows of 3 tokens at scattered positions: per-row slices into per-layer [B, K, H, S] values, one scatter
     into the model's stacked [L, B, K, S, H] ones; the same slots, rows and attention either way."""
@@ -84,6 +86,7 @@ def test_the_engines_cpu_cache_holds_and_attends_as_the_models_cache():
     np.testing.assert_allclose(ours.attend(layer, q, mask), theirs.attend(layer, q, mask), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_prompts_seen_tokens_penalise_only_its_own_samples():
     """Both prompts' model says `seen[0]` next; only the prompt containing it penalises it away, in all its samples."""
     seen, unseen = TOKENIZER.encode(" one two three"), TOKENIZER.encode(" red green blue")
@@ -115,6 +118,7 @@ def _jitted_forward(cfg):
 
 @pytest.mark.parametrize("make", [gpt2, functools.partial(llama, tie=False, rope_scaling=True)],
                          ids=["gpt2", "llama"])
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(make, tmp_path):
     torch_model = make()
     torch_model.save_pretrained(tmp_path, safe_serialization=True)
@@ -327,6 +331,7 @@ def test_a_tool_that_raises_answers_with_its_error():
     assert TOKENIZER.decode(sample.tokens).endswith("Error: RuntimeError: index is down<|python_output_end|> Sorry.")
 
 
+@pytest.mark.slow
 def test_tool_calls_in_a_batch_keep_every_row_exact():
     """Rows call a tool at different points of their samples while another row samples on; with a
     repetition penalty, every sampled token is the argmax of a full recomputation of its row so far

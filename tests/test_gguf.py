@@ -551,6 +551,7 @@ def test_smollm2_tokenizer_equals_hugging_face_on_wikinews_code_digits_cjk_emoji
             tok.render_for_completion(messages)
 
 
+@pytest.mark.slow
 @needs_smollm
 def test_smollm2_logits_and_greedy_generation_equal_transformers(smollm, smollm_transformers):
     cfg, params, tok = smollm

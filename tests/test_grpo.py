@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = os.path.join(ROOT, "tests", "fixtures", "chat", "words_alpha_slice.txt")
 
 
+@pytest.mark.slow
 def test_the_stage_samples_rewards_steps_logs_checkpoints_and_resumes(tmp_path, monkeypatch, capsys):
     import json
 

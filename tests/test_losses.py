@@ -120,6 +120,7 @@ def _model_batch(rows, width):
             "advantages": np.asarray([a for *_, a in rows], np.float32)}
 
 
+@pytest.mark.slow
 def test_a_packed_batch_gives_the_loss_of_the_same_sequences_unpacked():
     params = model.init_params(CFG, jax.random.key(0))
     rng = np.random.RandomState(0)

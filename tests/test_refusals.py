@@ -142,6 +142,7 @@ def test_readers_take_triviaqa_and_nq_rows(tmp_path):
         qa.read_jsonl(path)
 
 
+@pytest.mark.slow
 def test_a_hub_id_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))

@@ -98,6 +98,7 @@ def _tiny_rlhf(tmp_path):
             f"--config.rlhf.reward_model={tmp_path / 'rm'}", "--config.optimizer.learning_rate=1e-2"]
 
 
+@pytest.mark.slow
 def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_the_alarm(tmp_path, monkeypatch):
     class AlarmAtThirdEvaluation(HackingMonitor):
         def update(self, step, proxy, judge, judge_se=0.0):
@@ -130,6 +131,7 @@ def test_the_stage_scores_with_the_reward_model_monitors_the_gold_and_stops_at_t
     assert (workdir / "checkpoints" / "2").exists()  # the stopping step is checkpointed
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_the_monitor_and_best_judge_of_that_checkpoint(tmp_path, monkeypatch):
     """Evaluations at steps 0, 2, 4, 6 and checkpoints at 3 and 6; the run dies at step 5, after step 4's evaluation
     found a new best that the resumed run, replaying steps 4-6, does not reach (as when its schedule changed): the

@@ -86,6 +86,7 @@ def test_the_estimator_is_chosen_by_name_and_an_unknown_name_is_an_error():
 
 
 
+@pytest.mark.slow
 def test_grpo_tiny_runs_end_to_end_with_rloo_advantages(tmp_path):
     import json
 

@@ -399,6 +399,7 @@ def _config(tok_path, *overrides):
     return load_config(os.path.join(ROOT, "configs", "sft_tiny.py"), [*_overrides(tok_path), *overrides])
 
 
+@pytest.mark.slow
 def test_the_stage_learns_reports_and_releases_a_model_chat_opens(tok_path, tmp_path, monkeypatch, capsys):
     config = _config(tok_path, "--config.train.steps=20", "--config.train.eval_every=20")
     summary = sft.run(config, str(tmp_path / "run"))
@@ -421,6 +422,7 @@ def test_the_stage_learns_reports_and_releases_a_model_chat_opens(tok_path, tmp_
     assert cfg.vocab_size == VOCAB and tokenizer.has_tool("python")
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_evaluate_as_one_process_with_the_same_devices(tok_path, tmp_path):
     """Each process feeds its slice of the conversations and of the held-out rows; the figures are the same."""
     import portpicker

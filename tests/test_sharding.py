@@ -80,6 +80,7 @@ def _loss(cfg, params, tokens_BxT):
     return -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1).mean(), logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(SMALL))
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_forward_and_gradient_equal_single_device(family, mesh_shape):

@@ -39,6 +39,7 @@ def _losses(workdir):
         return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_leaves_its_outputs_and_starts_another_stage(tmp_path):
     summary = pretrain.run(_config("--config.train.steps=40", "--config.train.eval_every=20"), str(tmp_path / "a"))
     # From the untrained model's uniform guess to the unigram statistics and beyond.
@@ -70,6 +71,7 @@ def _launch(workdir, steps, *overrides):
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
     reference = _launch(tmp_path / "reference", 16)
     _, err = reference.communicate(timeout=600)
@@ -157,6 +159,7 @@ def _tokenizer_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     import portpicker
 
@@ -180,6 +183,7 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     assert text.startswith("The") and len(text) > 3
 
 
+@pytest.mark.slow
 def test_when_one_process_dies_the_other_exits_with_an_error(tmp_path):
     import portpicker
 

@@ -134,6 +134,7 @@ def _sgd_layout_run(loss_fn, params_fn, axes, batch, mesh, frozen=(), optimizer=
     return jax.device_get(params), opt_state, jax.device_get(metrics), initial
 
 
+@pytest.mark.slow
 def test_a_masked_loss_gives_the_same_update_for_any_micro_batching_and_mesh():
     """1 micro-batch of 8 rows == 8 of 1 row == 2 of 4, on one device and meshes (8,1,1), (2,2,2).
 
