@@ -154,6 +154,7 @@ def test_a_packed_batch_gives_the_loss_of_the_same_sequences_unpacked():
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), g2, g1)
 
 
+@pytest.mark.slow
 def test_one_step_on_fresh_rollouts_is_the_plain_policy_gradient():
     # With old == current log-probs (mu = 1: the first step on a rollout) every ratio is 1,
     # inside the clip range, so the gradient is REINFORCE's: -sum_t A_b grad logp_bt / tokens.

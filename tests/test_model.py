@@ -145,6 +145,7 @@ def _loss(cfg, params, tokens):
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_scan_unrolled_and_remat_give_the_same_loss_and_gradients(family):
     base = SMALL[family]

@@ -244,6 +244,7 @@ def _pair_config(config_file, tok_path, data, *overrides):
         *overrides])
 
 
+@pytest.mark.slow
 def test_the_stage_learns_a_preference_and_releases_a_reward_model_that_scores(tok_path, tok, tmp_path, capsys):
     from llm.stages import reward
 
@@ -297,6 +298,7 @@ def test_dpo_reference_logprobs_are_the_starting_policy_s_and_the_same_on_eight_
         np.testing.assert_allclose(rows.arrays["ref_chosen_logp"], direct, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_held_out_margin_and_reports_the_chosen_log_probability(tok_path, tmp_path, capsys):
     from llm.stages import dpo
 

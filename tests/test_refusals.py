@@ -163,6 +163,7 @@ def test_the_real_files_read_and_grade_their_own_gold_answers():
 # ----------------------------------------------------------------------------- end to end, tiny random model
 
 
+@pytest.mark.slow
 def test_interrogation_and_evaluation_end_to_end_on_a_tiny_random_model(tmp_path, capsys):
     tokenizer = Tokenizer.load("gpt2")
     cfg = ModelConfig(family="llama", vocab_size=tokenizer.n_vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,

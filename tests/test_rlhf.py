@@ -187,6 +187,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_the_monitor_and_best_judge_of_t
     assert not (tmp_path / "resumed" / "best_judge.steps" / "4").exists()  # the lost trajectory's best is gone
 
 
+@pytest.mark.slow
 def test_a_reward_model_release_judges_whole_conversations_and_pair_prompts_hold_out_by_prompt(tmp_path):
     import ml_collections
 

@@ -106,6 +106,7 @@ def test_only_assistant_tokens_carry_gradient_calls_included_tool_outputs_exclud
     assert np.all(np.abs(grad_BxTxV[0, target_trained]).sum(-1) > 0)
 
 
+@pytest.mark.slow
 def test_a_micro_batch_without_assistant_tokens_gives_loss_zero_gradient_zero_no_nan(tok):
     ids, mask = tok.render_conversation([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}])
     rendered = cp.Rendered([np.asarray(ids, np.int32)], [np.zeros(len(ids), np.int32)], ["t"], {})

@@ -118,6 +118,7 @@ def _snapshot(directory):
     return files
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     config = _config("--config.train.steps=60", "--config.train.checkpoint_every=1", "--config.train.eval_every=1000",
                      "--config.optimizer.learning_rate=1e6", "--config.optimizer.grad_clip=0.0",

@@ -34,6 +34,7 @@ def _layout(optimizer, mesh, rules):
     return StateLayout.create(model.param_axes(CFG), abstract, optimizer, mesh, rules)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_exact_in_tokens():
     """Rows hold different numbers of target tokens, so a mean of micro-batch means would differ."""
     params = model.init_params(CFG, jax.random.key(0))
@@ -51,6 +52,7 @@ def test_gradient_accumulation_is_exact_in_tokens():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new_params, results[0][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
 def test_sharded_steps_equal_single_device_steps(optimizer_name):
     config = base_config("tiny", sharding="fsdp_tp")
@@ -79,6 +81,7 @@ def test_sharded_steps_equal_single_device_steps(optimizer_name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-4), runs[1][0], runs[0][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
 def test_a_fixed_batch_is_memorised(optimizer_name):
     config = base_config("tiny")
@@ -160,6 +163,7 @@ def test_a_masked_loss_gives_the_same_update_for_any_micro_batching_and_mesh():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), params, reference_params)
 
 
+@pytest.mark.slow
 def test_an_all_zero_mask_gives_loss_zero_and_gradient_zero():
     params = model.init_params(CFG, jax.random.key(0))
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
@@ -216,6 +220,7 @@ def _reward_loss(params, batch, rng):
     return jnp.sum(jnp.square(score_B - batch["target"])), jnp.float32(score_B.shape[0]), {}
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_stays_bit_identical_keeps_no_optimizer_state_and_shards_like_single_device():
     axes = {"backbone": model.param_axes(CFG), "head": HEAD_AXES}
     config = base_config("tiny")
