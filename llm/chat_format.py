@@ -52,15 +52,24 @@ def tool_tokens(tool: str) -> tuple[str, str, str, str]:
     return (f"<|{tool}_start|>", f"<|{tool}_end|>", f"<|{tool}_output_start|>", f"<|{tool}_output_end|>")
 
 
+class ChatTemplateError(ValueError):
+    """A model's Jinja chat template that does not fit `ChatTemplate`; the message names the template and what did not fit."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
-    """A chat format as data: each message renders as `header` (with `{role}`), its content, then `footer`.
+    """A chat format as data: each message renders as its role's header, its content, then its role's footer.
 
-    Special tokens are spelled inline (`<|im_start|>`) and become their ids; the
-    footer begins with the end-of-turn token, which a sampler stops at and which is
-    trained on with the assistant's content. `begin` and `default_system` (the
+    `header` spells `{role}` for the role's name; `headers` (role -> header), when
+    given, replaces it and names the only roles the format has (Gemma's has no
+    system turn, its assistant is `model`). `footer` closes an assistant turn and
+    begins with the end-of-turn token, which a sampler stops at and which is
+    trained on with the assistant's content; `footers` gives other roles their own
+    (Mistral's user turn ends in ` [/INST]`). `begin` and `default_system` (the
     system message a model's own template inserts when none is given) open a
-    conversation. Content is always encoded as ordinary text.
+    conversation, `end` closes one that is not waiting for the assistant (Phi-3
+    small's end-of-text). Special tokens are spelled inline (`<|im_start|>`) and
+    become their ids; content is always encoded as ordinary text.
     """
 
     name: str
@@ -68,34 +77,50 @@ class ChatTemplate:
     footer: str
     begin: str = ""
     default_system: str | None = None
+    headers: dict[str, str] | None = None
+    footers: dict[str, str] | None = None
+    end: str = ""
+
+    def role_header(self, role: str) -> str:
+        if self.headers is None:
+            return self.header.replace("{role}", role)
+        if role not in self.headers:
+            raise ValueError(f"chat template {self.name!r} has no {role} turn (its roles: {sorted(self.headers)})")
+        return self.headers[role]
+
+    def role_footer(self, role: str) -> str:
+        return (self.footers or {}).get(role, self.footer)
 
     def to_jinja(self) -> str:
         """The same format as a Hugging Face / llama.cpp Jinja chat template."""
-        pre, post = (_literal(part) for part in self.header.split("{role}"))
         system = ""
         if self.default_system is not None:
-            opening = _literal(self.header.replace("{role}", "system") + self.default_system + self.footer)
+            opening = _literal(self.role_header("system") + self.default_system + self.role_footer("system"))
             system = f"{{% if messages[0]['role'] != 'system' %}}{{{{ {opening} }}}}{{% endif %}}"
-        return (
-            f"{{{{ {_literal(self.begin)} }}}}{system}{{% for message in messages %}}"
-            f"{{{{ {pre} + message['role'] + {post} + message['content'] + {_literal(self.footer)} }}}}{{% endfor %}}"
-            f"{{% if add_generation_prompt %}}{{{{ {pre} + 'assistant' + {post} }}}}{{% endif %}}"
-        )
+        if self.headers is None and self.footers is None and not self.end:  # one rule for every role
+            pre, post = (_literal(part) for part in self.header.split("{role}"))
+            return (
+                f"{{{{ {_literal(self.begin)} }}}}{system}{{% for message in messages %}}"
+                f"{{{{ {pre} + message['role'] + {post} + message['content'] + {_literal(self.footer)} }}}}{{% endfor %}}"
+                f"{{% if add_generation_prompt %}}{{{{ {pre} + 'assistant' + {post} }}}}{{% endif %}}"
+            )
+        roles = list(self.headers) if self.headers is not None else ["system", "user", "assistant"]
+        turns = "".join(
+            f"{{% {'if' if i == 0 else 'elif'} message['role'] == {_literal(role)} %}}"
+            f"{{{{ {_literal(self.role_header(role))} + message['content'] + {_literal(self.role_footer(role))} }}}}"
+            for i, role in enumerate(roles))
+        refuse = f"{{{{ raise_exception('roles: ' + {_literal(', '.join(roles))}) }}}}"
+        return (f"{{{{ {_literal(self.begin)} }}}}{system}{{% for message in messages %}}{turns}"
+                f"{{% else %}}{refuse}{{% endif %}}{{% endfor %}}{{% if add_generation_prompt %}}"
+                f"{{{{ {_literal(self.role_header('assistant'))} }}}}{{% else %}}{{{{ {_literal(self.end)} }}}}{{% endif %}}")
 
     @classmethod
-    def from_jinja(cls, source: str, special_tokens: Iterable[str]) -> ChatTemplate | None:
-        """The format of a model's Jinja template when it is ChatML or Llama 3's, else None."""
-        special = set(special_tokens)
-        if {"<|im_start|>", "<|im_end|>"} <= special and "<|im_start|>" in source:
-            match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", source, re.DOTALL)
-            # A literal default only: in some templates (Qwen's) the match is Jinja building the system turn.
-            literal = match and not any(code in match.group(1) for code in ("{{", "{%", "' +", "+ '", "messages["))
-            return cls("chatml", "<|im_start|>{role}\n", "<|im_end|>\n",
-                       default_system=match.group(1) if literal else None)
-        if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= special and "<|start_header_id|>" in source:
-            begin = "<|begin_of_text|>" if "<|begin_of_text|>" in special else ""
-            return cls("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", begin=begin)
-        return None
+    def from_jinja(cls, source: str, special_tokens: Iterable[str], *, bos_token: str | None = None,
+                   eos_token: str | None = None, name: str | None = None) -> ChatTemplate:
+        """The format of a model's role-wrapped Jinja template, read off its renderings (`llm.chat_jinja.derive`)."""
+        from llm.chat_jinja import derive  # it builds ChatTemplates, so it imports this module
+
+        return derive(source, special_tokens, bos_token=bos_token, eos_token=eos_token, name=name)
 
 
 def _literal(text: str) -> str:
@@ -178,9 +203,12 @@ def _render(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], start: bool, 
     segments: list[Segment] = []
 
     def header(role: str) -> None:
-        segments.extend(_template_segments(tok, template.header, False, role))
+        segments.extend(_template_segments(tok, template.role_header(role), False, role))
 
-    def footer(trained: bool) -> None:
+    def footer(role: str, trained: bool) -> None:
+        if role != "assistant":
+            segments.extend(_template_segments(tok, template.role_footer(role), False))
+            return
         end, *rest = _template_segments(tok, template.footer, False)
         segments.extend([(end[0], trained), *rest])
 
@@ -189,7 +217,7 @@ def _render(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], start: bool, 
         if template.default_system is not None and (not messages or messages[0].get("role") != "system"):
             header("system")
             segments.append((template.default_system, False))
-            footer(False)
+            footer("system", False)
     state = _CLOSED
     for i, message in enumerate(messages):
         role, parts = _parse_message(message, i)
@@ -222,12 +250,14 @@ def _render(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], start: bool, 
                                  (_tool_id(tok, call_end), trained)])
         last_kind = parts[-1][0] if parts else "text"
         if last_kind == "text":
-            footer(trained)
+            footer(role, trained)
             state = _CLOSED
         else:
             state = last_kind  # the turn stays open for the tool's output
     if open_assistant and state == _CLOSED:
         header("assistant")
+    elif not open_assistant:
+        segments.extend(_template_segments(tok, template.end, False))
     ids, mask = encode_segments(tok, segments)
     return ids, mask, state
 

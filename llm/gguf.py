@@ -16,7 +16,7 @@ tensor when a file has no such keys.
 
 The tokenizer is the file's byte-level BPE (`tokenizer.ggml.*`) converted to a
 tiktoken encoding (`llm/hf_tokenizer.py`) and its chat template read as data
-(ChatML or Llama 3's); our own format is kept exactly under `llm.chat_template`.
+(`ChatTemplate.from_jinja`); our own format is kept exactly under `llm.chat_template`.
 A prompt starts with the file's BOS iff `tokenizer.ggml.add_bos_token`, as in
 llama.cpp (`Tokenizer.prompt_start`); an export writes that flag from ours.
 """
@@ -335,7 +335,9 @@ def read_tokenizer(path: str, reader, meta: Mapping[str, Any]) -> Tokenizer:
     if ours is not None:
         template = ChatTemplate(**json.loads(ours)) if ours != "null" else None
     elif isinstance(meta.get("tokenizer.chat_template"), str):
-        template = ChatTemplate.from_jinja(meta["tokenizer.chat_template"], special)
+        template = hf_tokenizer.read_chat_template(meta["tokenizer.chat_template"], special, names.get(bos_id),
+                                                   names.get(eos_id), path,
+                                                   meta.get("general.name") or os.path.basename(path))
     else:
         template = None
     if "llm.eot" in meta:  # written by gguf_export.save_gguf: our own document tokens, exactly

@@ -20,12 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tiktoken
 
-from llm.chat_format import ChatTemplate
+from llm.chat_format import ChatTemplate, ChatTemplateError
 from llm.encodings import (
     ENDOFTEXT,
     GPT2_SPLIT_PATTERN,
@@ -183,7 +184,9 @@ def from_tokenizer_json(path: str | os.PathLike, *, chat_template: ChatTemplate 
     config = dict(config or {})
     template_source = config.get("chat_template")
     if chat_template is None and isinstance(template_source, str):
-        chat_template = ChatTemplate.from_jinja(template_source, special)
+        chat_template = read_chat_template(template_source, special, _token_name(config.get("bos_token")),
+                                           _token_name(config.get("eos_token")), path,
+                                           os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf")
     bos, eot = document_tokens(special, _token_name(config.get("bos_token")) if config.get("add_bos_token") else None,
                                _token_name(config.get("eos_token")))
     return from_vocab(
@@ -191,6 +194,19 @@ def from_tokenizer_json(path: str | os.PathLike, *, chat_template: ChatTemplate 
         bos=bos, eot=eot, prompt_start=prompt_start_tokens(spec.get("post_processor")),
         name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf",
     )
+
+
+def read_chat_template(source: str, special: Mapping[str, int], bos: str | None, eos: str | None,
+                       where: str, name: str) -> ChatTemplate | None:
+    """A model's Jinja chat template as data, or None (with a warning saying why) where it does not fit one.
+
+    None rather than an error: the model still loads and samples as a base model; chatting then says it has no format.
+    """
+    try:
+        return ChatTemplate.from_jinja(source, special, bos_token=bos, eos_token=eos, name=name)
+    except ChatTemplateError as e:
+        warnings.warn(f"{where}: {e}; it loads without a chat format", stacklevel=2)
+        return None
 
 
 def prompt_start_tokens(post_processor: Mapping[str, Any] | None) -> list[str]:
