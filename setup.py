@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# `launch.serve`: the OpenAI-compatible HTTP server (the `serve` extra; the tests install it too).
+SERVE = ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20"]
+
 setup(
     name="llm",
     version="0.1.0",
@@ -33,7 +36,9 @@ setup(
     extras_require={
         # The CPU reference stack for parity tests. torch is pinned to the release that
         # has a CPU wheel on the build machines; an unpinned torch drags in CUDA wheels.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate>=1.0"],  # accelerate: transformers' GGUF loader
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate>=1.0",  # accelerate: transformers' GGUF loader
+                 *SERVE, "openai>=1.50", "httpx>=0.27"],  # the server's tests use the official SDK as client
+        "serve": SERVE,
         "bench": ["tokenizers>=0.22"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
