@@ -17,7 +17,7 @@ from llm.config import LOGICAL_AXES, SHARDING_PRESETS, ModelConfig
 from llm.evals import bpb, generative
 from llm.evals import multiple_choice as mc
 from llm.evals.passk import mean_pass_at_k, pass_at_k
-from llm.generate import engine_for
+from llm.generate import SamplingParams, engine_for
 from llm.tasks import MultipleChoice, choice_sets, gsm8k
 
 
@@ -227,6 +227,23 @@ def test_generative_eval_end_to_end_and_pass_at_k_from_the_grades(tiny_tok):
     assert base.summary()["problems"] == 2 and base.summary()["truncated"] == too_long
     with pytest.raises(ValueError, match="k <= n"):
         generative.evaluate(engine, problems, grade, n=2, ks=(3,))
+
+    # Each batch samples with seed + its first index, or (batch_seeds=False) with the seed itself; a completion cut
+    # at max_new_tokens is wrong with require_stop; intervals and lengths come from the graded samples.
+    sampling = SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=5, stop_token_ids=tiny_tok.chat_stop_ids)
+    prompts = [list(tiny_tok.render_for_completion(p.messages))[-(128 - 6):] for p in problems]  # as truncated
+    for batch_seeds, seeds in ((True, (5, 7)), (False, (5, 5))):
+        result = generative.evaluate(engine, problems, grade, n=2, ks=(1, 2), temperature=1.0, max_new_tokens=6,
+                                     batch_size=2, seed=5, require_stop=True, batch_seeds=batch_seeds)
+        expected = [s for start, seed in zip((0, 2), seeds) for s in
+                    engine.generate(prompts[start:start + 2], dataclasses.replace(sampling, seed=seed))]
+        assert [g.completions for g in result.graded] == [tuple(s.text for s in group) for group in expected]
+        assert [g.correct for g in result.graded] == [tuple(grade(None, s.text) and s.finish_reason == "stop"
+                                                            for s in group) for group in expected]
+        summary = result.summary(intervals=True)
+        assert summary["completion_len"] == pytest.approx(np.mean([len(s.tokens) for g in expected for s in g]))
+        scores = [pass_at_k(2, sum(g.correct), 1) for g in result.graded]
+        assert summary["pass@1_ci95"] == pytest.approx(1.96 * np.std(scores, ddof=1) / np.sqrt(len(scores)))
 
 
 @pytest.mark.slow

@@ -87,10 +87,13 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 0,
     require_stop: bool = False,
+    batch_seeds: bool = True,
     on_progress: Callable[[int], None] | None = None,
 ) -> GenerativeResult:
     """Samples `n` completions of every problem (`batch_size` problems per engine call) and grades them; with
-    `require_stop`, a completion cut at `max_new_tokens` (it did not end its turn or document) is wrong."""
+    `require_stop`, a completion cut at `max_new_tokens` (it did not end its turn or document) is wrong. Each
+    engine call samples with `seed` plus the index of its first problem; `batch_seeds=False` gives every call
+    `seed` itself (the streams GRPO's held-out figures were measured with)."""
     ks = tuple(ks)
     if any(k > n for k in ks):
         raise ValueError(f"pass@k needs k <= n samples per problem, got ks={ks} with n={n}")
@@ -105,7 +108,8 @@ def evaluate(
         chunk = problems[start:start + batch_size]
         prompts = [prompt_ids(tokenizer, p, chat) for p in chunk]
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  stop_token_ids=stop_ids, stop_strings=tuple(stop_strings), n=n, seed=seed + start)
+                                  stop_token_ids=stop_ids, stop_strings=tuple(stop_strings), n=n,
+                                  seed=seed + start if batch_seeds else seed)
         samples = engine.generate([ids[-room:] for ids in prompts], sampling)
         for problem, ids, problem_samples in zip(chunk, prompts, samples):
             correct = tuple(bool(grade(problem, s.text)) and (s.finish_reason == "stop" or not require_stop)

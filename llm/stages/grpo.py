@@ -65,7 +65,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         for prefix, n, temperature in runs:
             result = generative.evaluate(engine, test_problems, task.grade, n=n, ks=sorted({1, n}),
                                          temperature=temperature, max_new_tokens=rc.max_new_tokens, batch_size=64,
-                                         seed=rc.eval_seed, require_stop=rc.require_stop)
+                                         seed=rc.eval_seed, require_stop=rc.require_stop, batch_seeds=False)
             figures |= {f"heldout/{prefix}{k}": v for k, v in result.summary(intervals=True).items()
                         if k.startswith("pass@") or k == "completion_len"}
         return figures
