@@ -6,7 +6,7 @@
     python -m bench.train_step --compile-only gpt2_124m   # compile time of a full-size step, nothing allocated
     python -m bench.train_step --tiny --only ours --only compiled   # seconds on CPU: every code path, tiny shapes
 
-GPU, one invocation (issue 21): GPT-2 124M, vocab 50,304, 16 x 1024, bf16, ours against the compiled peer,
+GPU, one invocation: GPT-2 124M, vocab 50,304, 16 x 1024, bf16, ours against the compiled peer,
 MFU against the H100/H200 dense bf16 peak:
 
     python -m bench.train_step --gpt2-124m --only ours --only compiled --rounds 2 --peak-tflops 989

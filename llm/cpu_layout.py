@@ -4,8 +4,8 @@
 
 A decode step is a few matrix-vector products per row, memory-bound streams of
 weights, so on CPU the step reads everything in the layout that streams fastest,
-at the cost of one extra copy of the parameters (BENCHMARKS.md): each layer's
-weights and cache as their own buffers (slicing a stacked layer copies it at
+at the cost of one extra copy of the parameters (docs/experiments/performance.md):
+each layer's weights and cache as their own buffers (slicing a stacked layer copies it at
 every step), the head as an untied [D, V] matrix (XLA:CPU multiplies it faster
 than the tied [V, D] table), and the cache stored the way a decode step's two
 matrix-vector products read it. Batched decode steps also pick XLA:CPU's own
@@ -29,7 +29,7 @@ from llm.config import ModelConfig
 
 # XLA:CPU hands matrix products to YNNPACK by default. For a decode step of 4+ rows its own
 # (Eigen) kernels are faster; at 1-2 rows YNNPACK is as fast or faster, so small batches keep it
-# (BENCHMARKS.md).
+# (docs/experiments/performance.md, "Sampling engine").
 _BATCHED_ROWS = 4
 _BATCHED_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
@@ -110,9 +110,9 @@ def _write_rows(slots: jax.Array, new: jax.Array, start_B: jax.Array, axis: int)
     A row's tokens sit at consecutive positions (a prompt, a chunk of one, or one
     decoded token), so each row is one in-place dynamic-update-slice. A scatter at
     per-row positions, as the model's `KVCache.write` does, made XLA:CPU transpose
-    the whole cache around it (BENCHMARKS.md); blending the tokens in with a one-hot
-    product costs B*T*S*K*H flops. The caller keeps positions + T within the cache
-    (dynamic-update-slice clamps).
+    the whole cache around it (docs/experiments/performance.md); blending the tokens
+    in with a one-hot product costs B*T*S*K*H flops. The caller keeps positions + T
+    within the cache (dynamic-update-slice clamps).
     """
     new = new.astype(slots.dtype)
 

@@ -404,9 +404,9 @@ def attention_weights(q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, mask_Bx1xTxS: 
 def _attention_impl(cfg: ModelConfig, dtype: jnp.dtype) -> str:
     """`attention_impl`, with "auto" resolved: cuDNN's fused kernel where it applies, else XLA.
 
-    JAX's own default is XLA's unfused attention; on an H100 the cuDNN kernel nearly
-    doubles GPT-2 124M's forward+backward throughput (BENCHMARKS.md). It needs a GPU,
-    16-bit inputs and head_dim <= 128 in multiples of 8.
+    JAX's own default is XLA's unfused attention; cuDNN's fused kernel is the faster
+    one where it applies (BENCHMARKS.md, "Model forward+backward"): a GPU, 16-bit
+    inputs and head_dim <= 128 in multiples of 8.
     """
     if cfg.attention_impl != "auto":
         return cfg.attention_impl

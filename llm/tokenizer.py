@@ -238,9 +238,8 @@ class Tokenizer:
         texts = list(texts)
         if num_threads <= 1:
             return self._encode_all(texts)
-        # A few chunks per thread rather than tiktoken's one pool task per text: passing
-        # the GIL back and forth for every text costs a fifth to a third of the
-        # throughput (BENCHMARKS.md).
+        # A few chunks per thread rather than tiktoken's one pool task per text, so the GIL
+        # is not passed back and forth for every text (docs/experiments/performance.md).
         size = max(1, -(-len(texts) // (4 * num_threads)))
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
         with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:

@@ -17,8 +17,8 @@ ends ("know what it knows"). Here:
 - `conversation`: a known (or unsure) question is answered with the model's own
   right sample, cut to its shortest first sentence that still grades right
   (`own_answer`), so the answers teach when to answer and not a new style (the
-  gold sentence "The answer is X." alone cost SmolLM2-135M ~3 points of
-  accuracy); the gold sentence when no sentence of a right sample is right on its
+  gold sentence "The answer is X." teaches a new style and costs accuracy:
+  docs/experiments/refusals.md); the gold sentence when no sentence of a right sample is right on its
   own (a sample cut off mid-sentence), or with `known_target="gold"`. An unknown
   question is refused (a few phrasings of "I'm not sure; I don't know.", chosen
   by the question's key). Departure from Llama 3: there is no LLM judge; grading

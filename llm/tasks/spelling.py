@@ -15,9 +15,9 @@ Answers are balanced: problem i asks for a letter the word holds
 `SPELLING_COUNTS[i % 4]` = 0, 1, 2 or 3 times (`draw_letter`:
 words by rejection, then one such letter), so each answer is exactly a quarter
 of a set of 4k problems and a constant answer scores 25%: it cannot pass for
-counting (when the letter was in the word two times out of three, 54% of the
-answers were 1, and a GRPO policy that always said 1 beat the SFT model). The
-same rule draws the SFT data.
+counting (with skewed answers, a policy that always gives the majority answer
+beats the SFT model: docs/experiments/grpo_letter_counting.md). The same rule
+draws the SFT data.
 
 The answer is the last `#### N` of the completion (the SFT format's final line);
 a completion without one is wrong, even if the right count appears in its
