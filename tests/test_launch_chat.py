@@ -1,0 +1,32 @@
+"""`launch.chat` on a scripted model: tool calls show as their expression and result, not as control tokens."""
+
+import builtins
+
+from launch import chat
+from llm.chat_format import IM_END, tool_tokens
+from llm.release import save_release
+from llm.tools import Calculator
+from scripted import TOKENIZER, script, scripted_gpt2
+
+
+def test_chat_shows_a_tool_call_as_its_expression_and_result(tmp_path, capsys, monkeypatch):
+    call_start, call_end, out_start, out_end = (TOKENIZER.token_id(t) for t in tool_tokens("python"))
+    output = Calculator()("2**10")
+    prompt = TOKENIZER.render_for_completion([{"role": "user", "content": "What is 2**10?"}])
+    call = [*TOKENIZER.encode("Let me compute."), call_start, *TOKENIZER.encode("2**10"), call_end]
+    forced = [out_start, *TOKENIZER.encode(output), out_end]  # the engine writes these: the model's script skips them
+    answer = [*TOKENIZER.encode("It is 1024."), TOKENIZER.token_id(IM_END)]
+    cfg, params = scripted_gpt2(script(prompt, call + [None] * len(forced) + answer), max_seq_len=128)
+    save_release(str(tmp_path), cfg, params, TOKENIZER)
+    typed = iter(["What is 2**10?", ""])
+    monkeypatch.setattr(builtins, "input", lambda _: next(typed))
+    chat.main(["--checkpoint", str(tmp_path), "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert "assistant> Let me compute.\n[python] 2**10 -> 1024\nIt is 1024.\n" in out
+    assert "<|" not in out
+
+
+def test_tool_display_covers_every_tool_token():
+    shown = chat.tool_display(TOKENIZER, ["python", "search"])
+    assert {TOKENIZER.token_id(t) for tool in ("python", "search") for t in tool_tokens(tool)} == set(shown)
+    assert chat.tool_display(TOKENIZER, []) == {}
