@@ -14,9 +14,9 @@ and lm-evaluation-harness's remote tokenizer (`/tokenizer_info`, `/tokenize`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
-import random
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -57,6 +57,10 @@ class Plan:
     hide: frozenset[int]
     shown: dict[int, str]
     n: int = 1
+    seeded: bool = True
+
+    def job(self, loop) -> Job:
+        return Job(loop, self.prompts, self.sampling, seeded=self.seeded)
 
     def text(self, tokenizer, sample: Sample) -> str:
         return final_text(tokenizer, sample.tokens, self.sampling.stop_strings if self.sampling else (),
@@ -81,7 +85,14 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
         return engine
 
     worker = Worker(setup, metrics, max_slots=max_slots, max_queue=max_queue)
-    app = FastAPI(title="llm", on_startup=[worker.start], on_shutdown=[worker.close])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        worker.start()
+        yield
+        worker.close()
+
+    app = FastAPI(title="llm", lifespan=lifespan)
     app.state.worker, app.state.metrics = worker, metrics
 
     @app.exception_handler(APIError)
@@ -215,7 +226,7 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
         """The samples of every prompt (waiting for the worker), and how many tokens they hold."""
         if plan.sampling is None:
             return [[Sample([], [], [], "length")] * plan.n for _ in plan.prompts], 0
-        job = Job(asyncio.get_running_loop(), plan.prompts, plan.sampling)
+        job = plan.job(asyncio.get_running_loop())
         await submit(job)
         while True:
             event = await job.events.get()
@@ -258,7 +269,7 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
                 return R.sse(R.chat_chunk(head, i * n + j, delta, finish, with_usage))
             return R.sse(R.completion_chunk(head, i * n + j, text or "", finish, with_usage))
 
-        job = Job(asyncio.get_running_loop(), plan.prompts, plan.sampling) if plan.sampling else None
+        job = plan.job(asyncio.get_running_loop()) if plan.sampling else None
         if job is not None:
             await submit(job)  # a full queue is still a 429: nothing was sent yet
         finished = False
@@ -318,10 +329,10 @@ def make_plan(s: Served, body, prompts: list[list[int]], max_new_tokens: int, st
         sampling = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
             repetition_penalty=body.repetition_penalty, stop_token_ids=stop_ids, stop_strings=stops, n=body.n,
-            seed=random.randrange(2**31) if body.seed is None else body.seed)
+            seed=body.seed or 0)
     except ValueError as error:
         raise APIError(400, str(error)) from None
-    return Plan(prompts, sampling, hide, shown, body.n)
+    return Plan(prompts, sampling, hide, shown, body.n, seeded=body.seed is not None)
 
 
 def completion_prompts(s: Served, prompt) -> list[list[int]]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import random
 import threading
 import time
 import traceback
@@ -32,13 +34,22 @@ class Job:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prompts: Sequence[Sequence[int]] = (),
-                 sampling: SamplingParams | None = None, call: Callable[[Any], Any] | None = None):
+                 sampling: SamplingParams | None = None, call: Callable[[Any], Any] | None = None,
+                 seeded: bool = True):
         self.loop, self.prompts, self.sampling, self.call = loop, [list(p) for p in prompts], sampling, call
+        self.seeded = seeded  # False: any seed will do, so the job batches with others whatever their seed
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.admitted = time.monotonic()
         self.first_token_at: float | None = None
         self._last_token_at: dict[tuple[int, int], float] = {}
+
+    @property
+    def batch_key(self) -> SamplingParams | None:
+        """Jobs with equal keys share one `generate` call; a seed only matters when asked for and sampling."""
+        if self.sampling is None or (self.seeded and self.sampling.temperature > 0):
+            return self.sampling
+        return dataclasses.replace(self.sampling, seed=0)
 
     @property
     def rows(self) -> int:
@@ -113,7 +124,7 @@ class Worker:
                     job = self._waiting.popleft()
                     if job.cancelled:
                         continue
-                    fits = job.call is None and job.sampling == batch[0].sampling and rows + job.rows <= self.max_slots
+                    fits = job.call is None and job.batch_key == batch[0].batch_key and rows + job.rows <= self.max_slots
                     (batch if fits else kept).append(job)
                     rows += job.rows if fits else 0
                 self._waiting = kept
@@ -134,7 +145,10 @@ class Worker:
                 self._observe(job, i, sample_index)
                 job.emit("token", i, sample_index, token)
 
-            samples = self.engine.generate([p for job in batch for p in job.prompts], batch[0].sampling, on_token)
+            sampling = batch[0].sampling
+            if batch[0].batch_key != sampling:  # no seed asked for (or greedy): a fresh one per batch
+                sampling = dataclasses.replace(sampling, seed=random.randrange(2**31))
+            samples = self.engine.generate([p for job in batch for p in job.prompts], sampling, on_token)
             start = 0
             for job in batch:
                 job.emit("done", samples[start:start + len(job.prompts)])
