@@ -6,9 +6,10 @@ its turn then stays open, the next (`tool`) message renders inline as
 `<|python_output_start|>1024<|python_output_end|>`, and the following assistant
 message continues the same turn up to its `<|im_end|>`. This is the token stream
 a sampler sees when it runs the tool and forces the output tokens itself. A real
-model's tokenizer (`llm/hf_tokenizer.py`) brings its own format, such as ChatML
-or Llama 3's headers, and renders, masks and stops the same way, without tools
-unless it has the tool tokens.
+model's tokenizer (`llm/hf_tokenizer.py`) brings its own format, read off its Jinja
+template (`llm/chat_jinja.py`: ChatML, Llama 3's headers, Zephyr's, Mistral's
+`[INST]`, Phi-3's, Gemma's), and renders, masks and stops the same way, without
+tools unless it has the tool tokens.
 
 Special tokens spelled in a template become their ids; content, from users,
 documents or tools, is always encoded as ordinary text, so it cannot forge one.

@@ -23,6 +23,8 @@ content with surrounding whitespace differently from ours).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +33,7 @@ from typing import Any
 
 from llm.chat_format import ChatTemplate, ChatTemplateError
 
+_ROLES = {"s": "system", "u": "user", "a": "assistant"}
 # Known shapes keep their names (the tokenizer tests and saved files rely on them).
 _NAMED = {("<|im_start|>{role}\n", "<|im_end|>\n"): "chatml",
           ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"): "llama3"}
@@ -81,10 +84,12 @@ def derive(source: str, special_tokens: Iterable[str], *, bos_token: str | None 
         raise ChatTemplateError(f"chat template {label}: jinja2 cannot parse it ({e})") from None
     marks = [f"\u27e6m{i}\u27e7" for i in range(6)]  # ⟦m0⟧: text no template spells
 
+    def conversation(roles: str) -> list[dict[str, str]]:  # "sua": system, user, assistant; message i says marks[i]
+        return [{"role": _ROLES[r], "content": marks[i]} for i, r in enumerate(roles)]
+
+    @functools.cache
     def render(roles: str, gen: bool) -> str:
-        messages = [{"role": {"s": "system", "u": "user", "a": "assistant"}[r], "content": marks[i]}
-                    for i, r in enumerate(roles)]
-        context = {"messages": messages, "add_generation_prompt": gen, "tools": None, "documents": None}
+        context = {"messages": conversation(roles), "add_generation_prompt": gen, "tools": None, "documents": None}
         context.update({k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None})
         try:
             return compiled.render(**context)
@@ -115,25 +120,6 @@ def derive(source: str, special_tokens: Iterable[str], *, bos_token: str | None 
             break
         return a[:n]
 
-    p = pieces("uaua", False)
-    if p[1] != p[3] or p[2] != pieces("uauau", False)[4]:
-        raise ChatTemplateError(f"chat template {label}: its turns differ from one exchange to the next")
-    user_footer = common_prefix(p[1], pieces("u", False)[1])
-    assistant_header = p[1][len(user_footer):]
-    assistant_footer = common_prefix(p[2], p[4])
-    end, user_header = p[4][len(assistant_footer):], p[2][len(assistant_footer):]
-    if not p[0].endswith(user_header):
-        raise ChatTemplateError(f"chat template {label}: its first user turn opens unlike the others "
-                                f"({p[0]!r}, expected it to end with {user_header!r})")
-    opening = p[0][:len(p[0]) - len(user_header)]
-    pieces_of = _split(splitter, assistant_footer)
-    if not pieces_of or pieces_of[0] not in special:
-        raise ChatTemplateError(f"chat template {label}: an assistant turn ends in {assistant_footer!r}, which does not "
-                                "begin with a special token (no end-of-turn token to stop at)")
-    turns = dict(headers={"user": user_header, "assistant": assistant_header},
-                 footers={"user": user_footer, "assistant": assistant_footer})
-    candidates = [_with_system(pieces, opening, user_header, turns, splitter, end)]
-    candidates.append(ChatTemplate(name or "jinja", user_header, assistant_footer, begin=opening, end=end, **turns))
     checks = ["uaua", "u", "ua", "uau", "uauau"]
 
     def expected(template: ChatTemplate, roles: str, gen: bool) -> str:
@@ -142,16 +128,41 @@ def derive(source: str, special_tokens: Iterable[str], *, bos_token: str | None 
         if not gen or render(roles, True) != done or not done.endswith(template.end):
             return render(roles, gen)
         return done[:len(done) - len(template.end)] + template.role_header("assistant")
-    for template in candidates:
+
+    def fits(template: ChatTemplate | None) -> bool:
         if template is None:
-            continue
+            return False
         roles_checked = checks + (["suaua", "su", "sua"] if "system" in template.headers else [])
-        if all(render_text(template, [{"role": {"s": "system", "u": "user", "a": "assistant"}[r], "content": marks[i]}
-                                      for i, r in enumerate(roles)], gen) == expected(template, roles, gen)
-               for roles in roles_checked for gen in (False, True)):
-            return _named(template, name)
-    raise ChatTemplateError(f"chat template {label}: its generation prompt or turns do not fit a header and footer per "
-                            f"role (derived {candidates[-1]})")
+        return all(render_text(template, conversation(roles), gen) == expected(template, roles, gen)
+                   for roles in roles_checked for gen in (False, True))
+
+    p = pieces("uaua", False)
+    if p[1] != p[3] or p[2] != pieces("uauau", False)[4]:
+        raise ChatTemplateError(f"chat template {label}: its turns differ from one exchange to the next")
+    # p[1] is a user footer and an assistant header, p[2] an assistant footer and a user header, p[4] an assistant
+    # footer and the end. Where to cut: first where the longest common prefixes say (the text a user turn and an
+    # assistant turn both end with), then between any two special tokens (Llama 3's first template, which always
+    # ends in the assistant's header).
+    first = (len(common_prefix(p[1], pieces("u", False)[1])), len(common_prefix(p[2], p[4])))
+    problem = None
+    for user_cut, assistant_cut in dict.fromkeys([first, *itertools.product(_cuts(splitter, p[1]), _cuts(splitter, p[2]))]):
+        user_footer, assistant_header = p[1][:user_cut], p[1][user_cut:]
+        assistant_footer, user_header = p[2][:assistant_cut], p[2][assistant_cut:]
+        if not (p[4].startswith(assistant_footer) and p[0].endswith(user_header)):
+            continue
+        end, opening = p[4][len(assistant_footer):], p[0][:len(p[0]) - len(user_header)]
+        if _split(splitter, assistant_footer)[:1] not in ([s] for s in special):
+            problem = problem or (f"an assistant turn ends in {assistant_footer!r}, which does not begin with a "
+                                  "special token (no end-of-turn token to stop at)")
+            continue
+        turns = dict(headers={"user": user_header, "assistant": assistant_header},
+                     footers={"user": user_footer, "assistant": assistant_footer})
+        for template in (_with_system(pieces, opening, user_header, turns, splitter, end),
+                         ChatTemplate(name or "jinja", user_header, assistant_footer, begin=opening, end=end, **turns)):
+            if fits(template):
+                return _named(template, name)
+        problem = problem or f"its generation prompt or turns do not fit a header and footer per role (tried {template})"
+    raise ChatTemplateError(f"chat template {label}: {problem or 'its first user turn opens unlike the others'}")
 
 
 def _with_system(pieces, opening: str, user_header: str, turns: dict, splitter, end: str) -> ChatTemplate | None:
@@ -164,10 +175,7 @@ def _with_system(pieces, opening: str, user_header: str, turns: dict, splitter, 
         return None
     system_footer = q[1][:len(q[1]) - len(user_header)]
     # q[0] is begin + the system header; `opening` (no system given) is begin, or begin + the default system turn.
-    cuts = [0]
-    for piece in _split(splitter, q[0]):
-        cuts.append(cuts[-1] + len(piece))
-    for cut in cuts:
+    for cut in _cuts(splitter, q[0]):
         begin, system_header = q[0][:cut], q[0][cut:]
         default = None
         if opening != begin:
@@ -196,6 +204,14 @@ def _named(template: ChatTemplate, name: str | None) -> ChatTemplate:
         fields["footers"] = {r: f for r, f in footers.items() if f != template.footer} or None
     fields["name"] = _NAMED.get((fields["header"], template.footer), name or "jinja") if uniform else (name or "jinja")
     return ChatTemplate(**fields)
+
+
+def _cuts(splitter: re.Pattern | None, text: str) -> list[int]:
+    """Offsets in `text` between its special tokens and the text around them."""
+    cuts = [0]
+    for piece in _split(splitter, text):
+        cuts.append(cuts[-1] + len(piece))
+    return cuts
 
 
 def _split(splitter: re.Pattern | None, text: str) -> list[str]:

@@ -32,6 +32,7 @@ MODELS = {
                                 True),
     "gemma-2b-it": ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"], False),
     "qwen1.5-72b-chat": ("<|endoftext|>", "<|im_end|>", ["<|im_start|>"], True),
+    "llama-3-8b-instruct": ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"], True),
 }
 USER, ANSWER, AGAIN = "What is 2+2?", "2+2 = 4.\n\nIndeed, it is.", "And 3*3?"
 SYSTEM = "Answer in French."
