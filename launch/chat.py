@@ -42,6 +42,11 @@ def main(argv=None) -> None:
     if tokenizer.chat_template is None:
         raise cli.UserError(f"{args.checkpoint}: its tokenizer has no chat format this project can render; "
                             f"try launch.sample")
+    if args.system:
+        try:
+            tokenizer.chat_template.role_header("system")
+        except ValueError as e:  # Gemma's and Mistral's templates refuse a system message
+            raise cli.UserError(f"{args.checkpoint}: {e}; leave out --system") from None
     tools = {"python": Calculator()}
     if args.search_docs:
         tools["search"] = Search(list(read_texts(args.search_docs)))

@@ -158,3 +158,14 @@ def test_a_derived_format_exports_as_jinja_that_derives_back(name):
         warnings.simplefilter("error")
         again = ChatTemplate.from_jinja(template.to_jinja(), special, bos_token=bos, eos_token=eos, name=name)
     assert again == template
+
+
+def test_a_derived_format_saves_and_loads_with_its_tokenizer(bpe, tmp_path):
+    from llm.tokenizer import Tokenizer
+
+    ours = hf_tokenizer.from_hf_directory(str(_model_dir(tmp_path, bpe, "mixtral-8x7b-instruct-v0.1")))
+    ours.save(tmp_path / "t.tiktoken")
+    back = Tokenizer.load(tmp_path / "t.tiktoken")
+    assert back.chat_template == ours.chat_template and back.chat_template.headers["assistant"] == ""
+    messages = _conversations(False)[3][0]
+    assert back.render_conversation(messages) == ours.render_conversation(messages)

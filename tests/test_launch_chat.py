@@ -2,6 +2,8 @@
 
 import builtins
 
+import pytest
+
 from launch import chat
 from llm.chat_format import IM_END, tool_tokens
 from llm.release import save_release
@@ -30,3 +32,18 @@ def test_tool_display_covers_every_tool_token():
     shown = chat.tool_display(TOKENIZER, ["python", "search"])
     assert {TOKENIZER.token_id(t) for tool in ("python", "search") for t in tool_tokens(tool)} == set(shown)
     assert chat.tool_display(TOKENIZER, []) == {}
+
+
+def test_system_message_for_a_format_without_a_system_turn_is_one_error_line(tmp_path, monkeypatch):
+    import dataclasses
+
+    from launch import cli, sampling_flags
+    from llm.chat_format import OUR_CHAT
+
+    no_system = dataclasses.replace(OUR_CHAT, name="gemma-like", headers={"user": "<|im_start|>user<|im_sep|>",
+                                                                          "assistant": "<|im_start|>model<|im_sep|>"})
+    tokenizer = TOKENIZER.__class__(TOKENIZER.encoding, no_system)
+    cfg, params = scripted_gpt2({0: 5})
+    monkeypatch.setattr(sampling_flags, "load", lambda args: (cfg, params, tokenizer))
+    with pytest.raises(cli.UserError, match="'gemma-like' has no system turn .* leave out --system"):
+        chat.main(["--checkpoint", "x", "--system", "Be brief."])
