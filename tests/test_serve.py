@@ -204,8 +204,8 @@ def test_echo_logprobs_equal_launch_evals_scores(served):
         assert lp["tokens"] == [TOKENIZER.decode([t]) for t in context + continuation]
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
         assert sum(lp["token_logprobs"][-len(continuation):]) == pytest.approx(loglik, rel=1e-5, abs=1e-5)
-        assert lp["text_offset"] == [len(TOKENIZER.decode(context + continuation)[:0])] + [
-            len(TOKENIZER.decode((context + continuation)[:k])) for k in range(1, len(context + continuation))]
+        tokens = context + continuation
+        assert lp["text_offset"] == [len(TOKENIZER.decode(tokens[:k])) for k in range(len(tokens))]
         assert reply["choices"][0]["text"] == item.context + choice
         assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
 
@@ -221,3 +221,20 @@ def test_lm_eval_remote_tokenizer_endpoints(served):
     back = httpx.post(f"{served.url}/detokenize", json={"tokens": TOKENIZER.encode("héllo")}, headers=auth,
                       timeout=TIMEOUT).json()
     assert back == {"prompt": "héllo"}
+
+
+def test_logprobs_cover_the_completion_and_with_echo_the_prompt_too(served):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "Once upon", "temperature": 0, "max_tokens": 3, "logprobs": 2}
+    plain = httpx.post(f"{served.url}/v1/completions", json=body, headers=auth, timeout=TIMEOUT).json()["choices"][0]
+    echoed = httpx.post(f"{served.url}/v1/completions", json={**body, "echo": True}, headers=auth,
+                        timeout=TIMEOUT).json()["choices"][0]
+    generated = COMPLETION[:3]
+    assert plain["text"] == " a time," and plain["logprobs"]["tokens"] == [TOKENIZER.decode([t]) for t in generated]
+    assert echoed["text"] == TOKENIZER.decode(COMPLETION_PROMPT) + plain["text"]
+    assert echoed["logprobs"]["tokens"][len(COMPLETION_PROMPT):] == plain["logprobs"]["tokens"]
+    assert echoed["logprobs"]["token_logprobs"][len(COMPLETION_PROMPT):] == plain["logprobs"]["token_logprobs"]
+    for t, (token, top) in enumerate(zip(plain["logprobs"]["tokens"], plain["logprobs"]["top_logprobs"])):
+        assert len(top) == 2 and max(top, key=top.get) == token  # greedy: the sampled token is the likeliest
+        assert top[token] == pytest.approx(plain["logprobs"]["token_logprobs"][t])
+    assert plain["logprobs"]["text_offset"] == [0, 2, 7]
