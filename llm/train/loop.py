@@ -2,15 +2,15 @@
 
     summary = run("pretrain", build_stage, config, workdir)   # resumes from workdir/checkpoints
 
-Every stage (pretraining, SFT, the reward model, GRPO, DPO) is a `build_stage(config,
+Every stage (pretraining, SFT, the reward model, DPO, GRPO, RLHF) is a `build_stage(config,
 workdir) -> Stage` and this one loop: step n+1 is dispatched before step n's
 metrics are read, so the host never waits on the device except to log; a NaN or
 Inf loss or parameter stops the run before it is checkpointed; every
-`checkpoint_every` steps the state, the config, the tokenizer and the stage's
-data position are saved; every `log_every` steps a line (and `metrics.jsonl`,
+`checkpoint_every` steps the state, the config, the tokenizer, the stage's
+data position and its own state (`Stage.state`) are saved; every `log_every` steps a line (and `metrics.jsonl`,
 TensorBoard) reports loss, learning rate, gradient norm, tokens/s, MFU and ETA;
 every `eval_every` and `sample_every` steps the stage's hooks run; at the end the
-stage's release, `loss.png` and `report.md` are written.
+stage's release, `loss.png` and `report.md` are written, then its `finish` hook.
 
 Resuming cannot lose work: before anything is built or written the newest
 checkpoint's config and run identity are compared with this run's
