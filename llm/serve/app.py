@@ -241,8 +241,8 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
 
     async def completion_logprobs(s: Served, prompt, sample: Sample, plan: Plan, echo: bool, top: int) -> dict:
         """The log-probabilities of the completion (and with echo, the prompt), from one forward on the worker."""
-        generated = [t for t in sample.tokens if t not in plan.hide]
-        tokens = [*prompt, *generated]
+        # The stop token is listed too (vLLM does): lm-eval's loglikelihood drops exactly one generated entry.
+        tokens = [*prompt, *sample.tokens]
         job = Job(asyncio.get_running_loop(), call=lambda _: score_tokens(s.cfg, s.params, tokens, top))
         await submit(job)
         event = await job.events.get()
@@ -320,9 +320,9 @@ def make_plan(s: Served, body, prompts: list[list[int]], max_new_tokens: int, st
     hide = frozenset(stop_ids)
     shown = tool_display(s.tokenizer, s.tools)
     stops = body.stop_strings()
-    if body.n * len(prompts) > max_rows:
-        raise APIError(400, f"n={body.n} samples of {len(prompts)} prompt(s) is more than the {max_rows} rows "
-                            f"this server runs at once (--max-slots)", "n")
+    if body.n > max_rows:  # a request of many prompts runs as one batch of its own instead
+        raise APIError(400, f"n={body.n} is more than the {max_rows} samples this server runs at once (--max-slots)",
+                       "n")
     if max_new_tokens == 0:
         return Plan(prompts, None, hide, shown, body.n)
     try:
