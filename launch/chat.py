@@ -76,7 +76,7 @@ def main(argv=None) -> None:
         # Streamed as the server streams (whole characters, nothing of a stop string), tool tokens shown as text.
         hide = frozenset(sampling.stop_token_ids)
         deltas = TextDeltas(tokenizer, sampling.stop_strings, hide, shown)
-        [[sample]] = engine.generate([prompt], sampling, on_token=lambda i, j, token: _write(deltas.push(token)))
+        [[sample]] = engine.generate([prompt], sampling, on_token=lambda i, j, token, d=deltas: _write(d.push(token)))
         _write(deltas.finish(final_text(tokenizer, sample.tokens, sampling.stop_strings, hide, shown)))
         # The turn ends with the format's closing tokens however it stopped, so the next turn is well formed.
         stopped = bool(sample.tokens) and sample.tokens[-1] in tokenizer.chat_stop_ids

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -119,7 +118,8 @@ class ChatTemplate:
     def from_jinja(cls, source: str, special_tokens: Iterable[str], *, bos_token: str | None = None,
                    eos_token: str | None = None, name: str | None = None) -> ChatTemplate:
         """The format of a model's role-wrapped Jinja template, read off its renderings (`llm.chat_jinja.derive`)."""
-        from llm.chat_jinja import derive  # it builds ChatTemplates, so it imports this module
+        # Imported here: llm.chat_jinja builds ChatTemplates, so it imports this module.
+        from llm.chat_jinja import derive
 
         return derive(source, special_tokens, bos_token=bos_token, eos_token=eos_token, name=name)
 

@@ -80,7 +80,7 @@ def derive(source: str, special_tokens: Iterable[str], *, bos_token: str | None 
     splitter = re.compile("(" + "|".join(map(re.escape, special)) + ")") if special else None
     try:
         compiled = environment().from_string(source)
-    except Exception as e:  # a syntax error, or a tag transformers adds (`generation`)
+    except Exception as e:  # noqa: BLE001 - any syntax error, or a tag transformers adds (`generation`)
         raise ChatTemplateError(f"chat template {label}: jinja2 cannot parse it ({e})") from None
     marks = [f"\u27e6m{i}\u27e7" for i in range(6)]  # ⟦m0⟧: text no template spells
 
@@ -93,7 +93,7 @@ def derive(source: str, special_tokens: Iterable[str], *, bos_token: str | None 
         context.update({k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None})
         try:
             return compiled.render(**context)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the template's own raise_exception, undefined names, sandbox refusals
             raise ChatTemplateError(f"chat template {label}: rendering {roles!r} fails ({type(e).__name__}: {e})") from None
 
     def pieces(roles: str, gen: bool) -> list[str]:
@@ -155,8 +155,8 @@ def derive(source: str, special_tokens: Iterable[str], *, bos_token: str | None 
             problem = problem or (f"an assistant turn ends in {assistant_footer!r}, which does not begin with a "
                                   "special token (no end-of-turn token to stop at)")
             continue
-        turns = dict(headers={"user": user_header, "assistant": assistant_header},
-                     footers={"user": user_footer, "assistant": assistant_footer})
+        turns = {"headers": {"user": user_header, "assistant": assistant_header},
+                 "footers": {"user": user_footer, "assistant": assistant_footer}}
         for template in (_with_system(pieces, opening, user_header, turns, splitter, end),
                          ChatTemplate(name or "jinja", user_header, assistant_footer, begin=opening, end=end, **turns)):
             if fits(template):
