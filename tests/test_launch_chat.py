@@ -11,6 +11,7 @@ from llm.tools import Calculator
 from scripted import TOKENIZER, script, scripted_gpt2
 
 
+@pytest.mark.slow  # ~14 s on 2 cores: the scripted model's engine compiles
 def test_chat_shows_a_tool_call_as_its_expression_and_result(tmp_path, capsys, monkeypatch):
     call_start, call_end, out_start, out_end = (TOKENIZER.token_id(t) for t in tool_tokens("python"))
     output = Calculator()("2**10")
@@ -18,7 +19,7 @@ def test_chat_shows_a_tool_call_as_its_expression_and_result(tmp_path, capsys, m
     call = [*TOKENIZER.encode("Let me compute."), call_start, *TOKENIZER.encode("2**10"), call_end]
     forced = [out_start, *TOKENIZER.encode(output), out_end]  # the engine writes these: the model's script skips them
     answer = [*TOKENIZER.encode("It is 1024."), TOKENIZER.token_id(IM_END)]
-    cfg, params = scripted_gpt2(script(prompt, call + [None] * len(forced) + answer), max_seq_len=128)
+    cfg, params = scripted_gpt2(script(prompt, call + [None] * len(forced) + answer))
     save_release(str(tmp_path), cfg, params, TOKENIZER)
     typed = iter(["What is 2**10?", ""])
     monkeypatch.setattr(builtins, "input", lambda _: next(typed))
