@@ -196,7 +196,7 @@ def _named(template: ChatTemplate, name: str | None) -> ChatTemplate:
     headers, footers = template.headers or {}, template.footers or {}
     pattern = headers.get("user", "").replace("user", "{role}", 1)
     uniform = ("system" in headers and all(h == pattern.replace("{role}", r) for r, h in headers.items())
-               and len(set(footers.values())) == 1 and not template.end)
+               and len(set(footers.values())) == 1)
     fields = dict(template.__dict__)
     if uniform:
         fields.update(header=pattern, headers=None, footers=None)
