@@ -130,4 +130,4 @@ def test_chat_searches_its_documents(tmp_path, capsys, monkeypatch):
     typed = iter(["Which mountain?", ""])
     monkeypatch.setattr(builtins, "input", lambda _: next(typed))
     chat.main(["--checkpoint", str(tmp_path / "release"), "--temperature", "0", "--search-docs", str(tmp_path / "docs.jsonl")])
-    assert f"<|search_output_start|>{output}<|search_output_end|> Fuji.\n" in capsys.readouterr().out
+    assert f"\n[search] highest mountain Japan -> {output}\n Fuji.\n" in capsys.readouterr().out  # the call, as text
