@@ -6,7 +6,6 @@ runs the calculator (`tools=True`), needs an API key, and its engine can be held
 (`GatedEngine`) so a full queue, a disconnect and an error after streaming began are seen without timing.
 """
 
-import json
 import socket
 import threading
 import time

@@ -6,6 +6,7 @@ The server is test_serve's (a scripted model, max_slots=2, max_queue=1, its engi
 """
 
 import json
+import socket
 import threading
 
 import httpx
@@ -112,6 +113,22 @@ def test_a_disconnect_mid_stream_cancels_the_request(served):
     served.wait_until(lambda: served.metric("llm_requests_running") == 0, "the batch to end")
     again = post(served, "/v1/completions", {**body, "stream": False})  # the server goes on
     assert again.json()["choices"][0]["text"] == " a time, the end."
+
+
+def test_a_disconnect_before_a_whole_reply_cancels_it_too(served):
+    before = served.metric("llm_requests_cancelled_total")
+    body = json.dumps({"model": MODEL, "prompt": "Once upon", "temperature": 0, "max_tokens": 16}).encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    served.engine.gate.clear()
+    try:
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            served.wait_until(lambda: served.metric("llm_requests_running") == 1, "the request to run")
+        served.wait_until(lambda: served.metric("llm_requests_cancelled_total") == before + 1, "the cancellation")
+    finally:
+        served.engine.gate.set()
+    served.wait_until(lambda: served.metric("llm_requests_running") == 0, "the batch to end")
 
 
 def test_an_engine_error_after_streaming_began_is_an_error_event(served):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 from typing import Any, AsyncIterator, Callable
 
@@ -30,41 +29,11 @@ from llm.serve.metrics import Metrics
 from llm.serve.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                 validation_message)
 from llm.serve.scoring import score_tokens
-from llm.serve.stream import TextDeltas, final_text, tool_display
+from llm.serve.plans import Plan, Served, check_ids, check_prompt, completion_prompts, make_plan, tokenize_text
+from llm.serve.stream import TextDeltas
 from llm.serve.worker import Job, QueueFull, Worker
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left in the context
-
-
-@dataclasses.dataclass
-class Served:
-    """What the worker loaded: the model, its tokenizer, the engine, and the tools the engine runs."""
-
-    name: str
-    cfg: Any
-    params: Any
-    tokenizer: Any
-    engine: Any
-    tools: tuple[str, ...]
-
-
-@dataclasses.dataclass
-class Plan:
-    """One generation request, ready for the worker: prompts, controls, how its text is shown."""
-
-    prompts: list[list[int]]
-    sampling: SamplingParams | None  # None: nothing to generate (max_tokens=0)
-    hide: frozenset[int]
-    shown: dict[int, str]
-    n: int = 1
-    seeded: bool = True
-
-    def job(self, loop) -> Job:
-        return Job(loop, self.prompts, self.sampling, seeded=self.seeded)
-
-    def text(self, tokenizer, sample: Sample) -> str:
-        return final_text(tokenizer, sample.tokens, self.sampling.stop_strings if self.sampling else (),
-                          self.hide, self.shown)
 
 
 def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, tools: bool = False,
@@ -160,13 +129,13 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
                           model_name)
         if body.stream:
             return stream(s, plan, head, body, chat=True)
-        samples, completion = await run(s, plan)
+        samples, completion = await run(s, plan, request)
         choices = [R.chat_choice(k, plan.text(s.tokenizer, sample), sample.finish_reason)
                    for k, sample in enumerate(samples[0])]
         return {**head, "choices": choices, "usage": R.usage(plan.prompts, completion)}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         s = served()
         check_model(body.model)
         prompts = completion_prompts(s, body.prompt)
@@ -179,14 +148,14 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
             if body.echo or body.logprobs is not None:
                 raise APIError(400, "echo and logprobs are not supported with stream", "stream")
             return stream(s, plan, head, body, chat=False)
-        samples, completion = await run(s, plan)
+        samples, completion = await run(s, plan, request)
         choices = []
         for i, prompt in enumerate(prompts):
             for j, sample in enumerate(samples[i]):
                 text = plan.text(s.tokenizer, sample)
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = await completion_logprobs(s, prompt, sample, plan, body.echo, body.logprobs)
+                    logprobs = await completion_logprobs(s, prompt, sample, body.echo, body.logprobs)
                 if body.echo:
                     text = s.tokenizer.decode(prompt) + text
                 choices.append(R.completion_choice(i * body.n + j, text, sample.finish_reason, logprobs))
@@ -222,24 +191,29 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
             raise APIError(429, f"server busy: {full}; retry later", code="queue_full",
                            headers={"Retry-After": "1"}) from None
 
-    async def run(s: Served, plan: Plan) -> tuple[list[list[Sample]], int]:
+    async def run(s: Served, plan: Plan, request: Request) -> tuple[list[list[Sample]], int]:
         """The samples of every prompt (waiting for the worker), and how many tokens they hold."""
         if plan.sampling is None:
             return [[Sample([], [], [], "length")] * plan.n for _ in plan.prompts], 0
         job = plan.job(asyncio.get_running_loop())
         await submit(job)
-        while True:
-            event = await job.events.get()
-            if event[0] == "done":
-                samples = event[1]
-                completion = sum(len(x.tokens) for row in samples for x in row)
-                metrics.requests.labels("done").inc()
-                return samples, completion
-            if event[0] == "error":
-                metrics.requests.labels("error").inc()
-                raise APIError(500, event[1])
+        outcome, gone = asyncio.ensure_future(last_event(job)), asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not outcome.done():  # the client went away first: stop feeding its job
+            outcome.cancel()
+            job.cancel()
+            metrics.cancelled.inc()
+            raise APIError(499, "the client closed the request")  # nginx's status; nobody reads it
+        kind, result = outcome.result()
+        metrics.requests.labels(kind).inc()
+        if kind == "error":
+            raise APIError(500, result)
+        return result, sum(len(x.tokens) for row in result for x in row)
 
-    async def completion_logprobs(s: Served, prompt, sample: Sample, plan: Plan, echo: bool, top: int) -> dict:
+    async def completion_logprobs(s: Served, prompt, sample: Sample, echo: bool, top: int) -> dict:
         """The log-probabilities of the completion (and with echo, the prompt), from one forward on the worker."""
         # The stop token is listed too (vLLM does): lm-eval's loglikelihood drops exactly one generated entry.
         tokens = [*prompt, *sample.tokens]
@@ -314,60 +288,14 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
     return app
 
 
-def make_plan(s: Served, body, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...],
-              max_rows: int) -> Plan:
-    """The engine's controls from a request; a control the engine refuses is a 400."""
-    hide = frozenset(stop_ids)
-    shown = tool_display(s.tokenizer, s.tools)
-    stops = body.stop_strings()
-    if body.n > max_rows:  # a request of many prompts runs as one batch of its own instead
-        raise APIError(400, f"n={body.n} is more than the {max_rows} samples this server runs at once (--max-slots)",
-                       "n")
-    if max_new_tokens == 0:
-        return Plan(prompts, None, hide, shown, body.n)
-    try:
-        sampling = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-            repetition_penalty=body.repetition_penalty, stop_token_ids=stop_ids, stop_strings=stops, n=body.n,
-            seed=body.seed or 0)
-    except ValueError as error:
-        raise APIError(400, str(error)) from None
-    return Plan(prompts, sampling, hide, shown, body.n, seeded=body.seed is not None)
+async def last_event(job: Job) -> tuple[str, Any]:
+    """("done", samples) or ("error", message): a whole reply's outcome; its tokens are not needed."""
+    while (event := await job.events.get())[0] == "token":
+        pass
+    return event
 
 
-def completion_prompts(s: Served, prompt) -> list[list[int]]:
-    """OpenAI's four prompt shapes as token-id lists; text starts under the model's own rule, as `launch.sample`."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt is empty", "prompt")
-    if isinstance(prompt[0], int):
-        prompt = [prompt]
-    ids = [[*s.tokenizer.prompt_start, *s.tokenizer.encode(p)] if isinstance(p, str) else list(p) for p in prompt]
-    for p in ids:
-        if not p:
-            raise APIError(400, "a prompt is empty (this model starts prompts with no token)", "prompt")
-        check_ids(s, p, "prompt")
-    return ids
-
-
-def check_ids(s: Served, ids, param: str) -> None:
-    limit = min(s.cfg.vocab_size, s.tokenizer.n_vocab)
-    bad = [t for t in ids if not 0 <= t < limit]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {limit} ids", param)
-
-
-def check_prompt(s: Served, prompt: list[int], param: str, scoring_only: bool = False) -> None:
-    """A prompt must leave room for one new token (or, only scored, fit the context)."""
-    room = s.cfg.max_seq_len + (1 if scoring_only else 0)
-    if len(prompt) >= room:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens but the model's context is {s.cfg.max_seq_len}",
-                       param, "context_length_exceeded")
-
-
-def tokenize_text(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    """Ordinary text; a prompt that is exactly one special token is that token (how lm-eval finds the EOS id)."""
-    if text in tokenizer.encoding.special_tokens_set:
-        return [tokenizer.token_id(text)]
-    return [*(tokenizer.prompt_start if add_special_tokens else []), *tokenizer.encode(text)]
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone (Starlette's own listen_for_disconnect, for a reply not yet begun)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
