@@ -237,3 +237,13 @@ def test_logprobs_cover_the_completion_and_with_echo_the_prompt_too(served):
         assert len(top) == 2 and max(top, key=top.get) == token  # greedy: the sampled token is the likeliest
         assert top[token] == pytest.approx(plain["logprobs"]["token_logprobs"][t])
     assert plain["logprobs"]["text_offset"] == [0, 2, 7]
+
+
+def test_streamed_samples_are_told_apart_by_index(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert texts == {0: "Hello there, café!", 1: "Hello there, café!"}
+    finishes = [(c.choices[0].index, c.choices[0].finish_reason) for c in chunks if c.choices[0].finish_reason]
+    assert sorted(finishes) == [(0, "stop"), (1, "stop")]
