@@ -18,11 +18,14 @@ from llm.release import load_release
 
 
 def model_name(checkpoint: str) -> str:
-    """The id clients name the model by: the checkpoint's last path part (a release dir's parent for `release/`)."""
+    """The id clients name the model by: the checkpoint's last path part (a `release/`'s run, a .gguf's stem), or the hub id."""
+    if not os.path.exists(checkpoint):  # a hub id names itself, as vLLM serves it
+        return checkpoint
     parts = [p for p in checkpoint.rstrip("/").split("/") if p]
     if len(parts) > 1 and parts[-1] == "release":
         return parts[-2]
-    return parts[-1] if parts else checkpoint
+    name = parts[-1] if parts else checkpoint
+    return name.removesuffix(".gguf")
 
 
 def _local_looking(path: str) -> bool:

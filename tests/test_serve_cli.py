@@ -57,3 +57,11 @@ def test_serve_command_reports_a_missing_checkpoint_as_one_error_line(tmp_path, 
         cli.main(serve.main, ["--checkpoint", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert exit_.value.code == cli.EXIT_MISTAKE and err.count("error: ") == 1 and "nope" in err, err
+
+
+def test_the_served_model_is_named_after_the_checkpoint(tmp_path):
+    (tmp_path / "tiny" / "release").mkdir(parents=True)
+    (tmp_path / "model.gguf").write_bytes(b"")
+    assert serve.model_name(str(tmp_path / "tiny" / "release")) == "tiny"
+    assert serve.model_name(str(tmp_path / "model.gguf")) == "model"
+    assert serve.model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"

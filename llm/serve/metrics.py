@@ -20,7 +20,7 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.running = Gauge("llm_requests_running", "Requests in the engine now.", registry=r)
         self.waiting = Gauge("llm_requests_waiting", "Requests queued for the engine.", registry=r)
-        self.requests = Counter("llm_requests", "Requests finished, by how.", ["finish_reason"], registry=r)
+        self.requests = Counter("llm_requests", "Requests finished, by outcome (done, error).", ["outcome"], registry=r)
         self.cancelled = Counter("llm_requests_cancelled", "Requests whose client went away before they finished.",
                                  registry=r)
         self.rejected = Counter("llm_requests_rejected", "Requests refused with 429: the queue was full.", registry=r)
