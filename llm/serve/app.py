@@ -149,16 +149,15 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
                 raise APIError(400, "echo and logprobs are not supported with stream", "stream")
             return stream(s, plan, head, body, chat=False)
         samples, completion = await run(s, plan, request)
+        pairs = [(prompt, sample) for prompt, row in zip(prompts, samples) for sample in row]
+        logprobs = [None] * len(pairs)
+        if body.logprobs is not None:
+            logprobs = await completion_logprobs(s, pairs, body.echo, body.logprobs)
         choices = []
-        for i, prompt in enumerate(prompts):
-            for j, sample in enumerate(samples[i]):
-                text = plan.text(s.tokenizer, sample)
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = await completion_logprobs(s, prompt, sample, body.echo, body.logprobs)
-                if body.echo:
-                    text = s.tokenizer.decode(prompt) + text
-                choices.append(R.completion_choice(i * body.n + j, text, sample.finish_reason, logprobs))
+        for k, ((prompt, sample), lp) in enumerate(zip(pairs, logprobs)):
+            text = plan.text(s.tokenizer, sample)
+            text = s.tokenizer.decode(prompt) + text if body.echo else text
+            choices.append(R.completion_choice(k, text, sample.finish_reason, lp))  # k = prompt index * n + sample
         return {**head, "choices": choices, "usage": R.usage(prompts, completion)}
 
     @app.get("/tokenizer_info", dependencies=[Depends(authorized)])
@@ -213,18 +212,21 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
             raise APIError(500, result)
         return result, sum(len(x.tokens) for row in result for x in row)
 
-    async def completion_logprobs(s: Served, prompt, sample: Sample, echo: bool, top: int) -> dict:
-        """The log-probabilities of the completion (and with echo, the prompt), from one forward on the worker."""
+    async def completion_logprobs(s: Served, pairs: list[tuple[list[int], Sample]], echo: bool, top: int
+                                  ) -> list[dict]:
+        """Each completion's log-probabilities (with echo, its prompt's too): one job of forwards on the worker."""
         # The stop token is listed too (vLLM does): lm-eval's loglikelihood drops exactly one generated entry.
-        tokens = [*prompt, *sample.tokens]
-        job = Job(asyncio.get_running_loop(), call=lambda _: score_tokens(s.cfg, s.params, tokens, top))
-        await submit(job)
-        event = await job.events.get()
-        if event[0] == "error":
-            raise APIError(500, event[1])
-        values, tops = event[1]
-        start = 0 if echo else len(prompt)
-        return R.logprobs_object(s.tokenizer, tokens[start:], values[start:], tops[start:] if top else None)
+        rows = [[*prompt, *sample.tokens] for prompt, sample in pairs]
+        job = Job(asyncio.get_running_loop(), call=lambda _: [score_tokens(s.cfg, s.params, r, top) for r in rows])
+        worker.submit(job, admitted=True)  # the request is in already: its second half is never refused
+        kind, result = await last_event(job)
+        if kind == "error":
+            raise APIError(500, result)
+        objects = []
+        for (prompt, _), tokens, (values, tops) in zip(pairs, rows, result):
+            start = 0 if echo else len(prompt)
+            objects.append(R.logprobs_object(s.tokenizer, tokens[start:], values[start:], tops[start:] if top else None))
+        return objects
 
     def stream(s: Served, plan: Plan, head: dict, body, chat: bool) -> StreamingResponse:
         return StreamingResponse(events(s, plan, head, body, chat), media_type="text/event-stream",

@@ -85,9 +85,10 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, admitted: bool = False) -> None:
+        """Queues a job; a new request finding `max_queue` waiting is refused (`admitted`: part of one already in)."""
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            if not admitted and len(self._waiting) >= self.max_queue:
                 self.metrics.rejected.inc()
                 raise QueueFull(f"the queue holds {self.max_queue} requests already")
             self._waiting.append(job)
