@@ -80,6 +80,9 @@ def _response(record) -> tuple[dict | None, str | None]:
     if record.rec_type == "response" and mime.lower() not in HTML_TYPES:
         return None, "not_html"
     payload = record.content_stream().read()
+    if getattr(record.raw_stream, "limit", 0) > 0:
+        # Fewer bytes than the record's Content-Length: the file ends inside this record.
+        raise EOFError("truncated WARC record")
     if not payload.strip():
         return None, "empty_response"
     html = _decode(payload, http_type)
