@@ -91,7 +91,8 @@ def test_a_full_queue_is_429_with_retry_after(served):
         rejected_before = served.metric("llm_requests_rejected_total")
         full = post(served, "/v1/completions", body)
         assert error_of(full, 429)["type"] == "rate_limit_error" and full.headers["retry-after"] == "1"
-        assert served.metric("llm_requests_rejected_total") == rejected_before + 1
+        error_of(post(served, "/v1/completions", {**body, "stream": True}), 429)  # before any byte of a stream
+        assert served.metric("llm_requests_rejected_total") == rejected_before + 2
     finally:
         served.engine.gate.set()
     running.join(TIMEOUT), waiting.join(TIMEOUT)

@@ -128,7 +128,7 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
         head = R.envelope("chat.completion.chunk" if body.stream else "chat.completion", R.new_id("chatcmpl"),
                           model_name)
         if body.stream:
-            return stream(s, plan, head, body, chat=True)
+            return await stream(s, plan, head, body, chat=True)
         samples, completion = await run(s, plan, request)
         choices = [R.chat_choice(k, plan.text(s.tokenizer, sample), sample.finish_reason)
                    for k, sample in enumerate(samples[0])]
@@ -147,7 +147,7 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
         if body.stream:
             if body.echo or body.logprobs is not None:
                 raise APIError(400, "echo and logprobs are not supported with stream", "stream")
-            return stream(s, plan, head, body, chat=False)
+            return await stream(s, plan, head, body, chat=False)
         samples, completion = await run(s, plan, request)
         pairs = [(prompt, sample) for prompt, row in zip(prompts, samples) for sample in row]
         logprobs = [None] * len(pairs)
@@ -228,11 +228,15 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
             objects.append(R.logprobs_object(s.tokenizer, tokens[start:], values[start:], tops[start:] if top else None))
         return objects
 
-    def stream(s: Served, plan: Plan, head: dict, body, chat: bool) -> StreamingResponse:
-        return StreamingResponse(events(s, plan, head, body, chat), media_type="text/event-stream",
+    async def stream(s: Served, plan: Plan, head: dict, body, chat: bool) -> StreamingResponse:
+        """Admits the job first, so a full queue is a 429 before any byte of the stream is sent."""
+        job = plan.job(asyncio.get_running_loop()) if plan.sampling else None
+        if job is not None:
+            await submit(job)
+        return StreamingResponse(events(s, plan, job, head, body, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def events(s: Served, plan: Plan, head: dict, body, chat: bool) -> AsyncIterator[str]:
+    async def events(s: Served, plan: Plan, job: Job | None, head: dict, body, chat: bool) -> AsyncIterator[str]:
         """The SSE stream; a client that goes away cancels the job (counted in llm_requests_cancelled)."""
         n = body.n
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -245,9 +249,6 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
                 return R.sse(R.chat_chunk(head, i * n + j, delta, finish, with_usage))
             return R.sse(R.completion_chunk(head, i * n + j, text or "", finish, with_usage))
 
-        job = plan.job(asyncio.get_running_loop()) if plan.sampling else None
-        if job is not None:
-            await submit(job)  # a full queue is still a 429: nothing was sent yet
         finished = False
         try:
             if chat:
