@@ -18,7 +18,7 @@ from llm.release import load_release
 
 
 def model_name(checkpoint: str) -> str:
-    """The id clients name the model by: the checkpoint's last path part (a `release/`'s run, a .gguf's stem), or the hub id."""
+    """The id clients name the model by: a path's last part (a `release/`'s run, a .gguf's stem), or the hub id."""
     if not os.path.exists(checkpoint):  # a hub id names itself, as vLLM serves it
         return checkpoint
     parts = [p for p in checkpoint.rstrip("/").split("/") if p]

@@ -225,7 +225,8 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
         objects = []
         for (prompt, _), tokens, (values, tops) in zip(pairs, rows, result):
             start = 0 if echo else len(prompt)
-            objects.append(R.logprobs_object(s.tokenizer, tokens[start:], values[start:], tops[start:] if top else None))
+            objects.append(R.logprobs_object(s.tokenizer, tokens[start:], values[start:],
+                                             tops[start:] if top else None))
         return objects
 
     async def stream(s: Served, plan: Plan, head: dict, body, chat: bool) -> StreamingResponse:

@@ -1,4 +1,4 @@
-"""The server's Prometheus metrics (`GET /metrics`), named after vLLM's (`vllm:num_requests_running`, ...).
+"""The server's Prometheus metrics (`GET /metrics`): what vLLM exports (`vllm:num_requests_running`...) as `llm_*`.
 
 Each app has its own registry, so several servers (tests) in one process do not share counts.
 """

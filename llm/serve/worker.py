@@ -125,7 +125,8 @@ class Worker:
                     job = self._waiting.popleft()
                     if job.cancelled:
                         continue
-                    fits = job.call is None and job.batch_key == batch[0].batch_key and rows + job.rows <= self.max_slots
+                    fits = (job.call is None and job.batch_key == batch[0].batch_key
+                            and rows + job.rows <= self.max_slots)
                     (batch if fits else kept).append(job)
                     rows += job.rows if fits else 0
                 self._waiting = kept
