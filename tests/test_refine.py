@@ -208,3 +208,72 @@ def test_missing_input_is_a_clear_error(tmp_path):
         recipe.split_input(str(tmp_path / "nothing" / "*.warc.gz"))
     with pytest.raises(UserError, match="fasttext_model"):
         recipe.language_model(offline_config("x", **{"language.fasttext_model": str(tmp_path / "lid.176.bin")}))
+
+
+needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="needs ../shared/data/pretrain/common_crawl_sample")
+SAMPLE_RUN = ["--config.executor.tasks=2", "--config.executor.workers=1"]
+
+
+def launch_refine(workdir, *args, **popen):
+    cmd = [sys.executable, "-m", "launch.refine", "--config", CONFIG, "--workdir", str(workdir), *SAMPLE_RUN, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def contents(workdir):
+    """Every output and exclusion file's content (decompressed: gzip headers carry a time stamp)."""
+    files = sorted(glob.glob(os.path.join(workdir, "output", "*")) + glob.glob(os.path.join(workdir, "removed", "*", "*")))
+    return {os.path.relpath(f, workdir): (gzip.open(f).read() if f.endswith(".gz") else Path(f).read_bytes())
+            for f in files}
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sample") / "run"
+    proc = launch_refine(workdir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+@needs_sample
+def test_real_common_crawl_sample_end_to_end_and_pretrains(sample_run, tmp_path):
+    stats = json.loads((sample_run / "stats.json").read_text())
+    assert stats["input_documents"] == 37 and 0 < stats["output_documents"] < 37
+    rows = output(sample_run)
+    assert len(rows) == stats["output_documents"] and all(r["language"] == "en" for r in rows)
+    train = [sys.executable, "-m", "launch.train", "--config", str(ROOT / "configs" / "tiny.py"),
+             "--workdir", str(tmp_path / "tiny"), f"--config.data.source={sample_run / 'output'}",
+             "--config.model.vocab_size=1024", "--config.data.tokenizer=train:1024", "--config.data.seq_len=64",
+             "--config.data.batch_size=8", "--config.model.n_layer=2", "--config.train.steps=4",
+             "--config.train.eval_every=4", "--config.train.eval_batches=1", "--config.train.sample_every=0",
+             "--config.optimizer.warmup_steps=1", "--config.data.val_fraction=0.1"]
+    done = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "done: step 4" in done.stdout + done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@needs_sample
+def test_kill_9_mid_run_then_rerun_gives_identical_files(sample_run, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = launch_refine(workdir, start_new_session=True)
+    marker = workdir / "logs" / "base" / "completions" / "00000"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the second task of the base job, writing its shard
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "stats.json").exists()
+    rerun = launch_refine(workdir)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    reference = contents(sample_run)
+    assert any(k.startswith("output") for k in reference) and contents(workdir) == reference
+
+
+def test_launcher_reports_a_missing_input_as_one_error_line(tmp_path):
+    proc = launch_refine(tmp_path / "w", f"--config.input.paths={tmp_path}/none/*.warc.gz")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and out.strip().splitlines()[-1].startswith("error: no WARC files at")
