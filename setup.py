@@ -32,6 +32,7 @@ setup(
         "bm25s>=0.2",  # the search tool's index
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "jinja2>=3.1.6",  # a model's own chat template, rendered as transformers renders it (llm/chat_jinja.py)
     ],
     extras_require={
         # The CPU reference stack for parity tests. torch is pinned to the release that
