@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import tiktoken
@@ -114,14 +114,6 @@ class ChatTemplate:
                 f"{{% else %}}{refuse}{{% endif %}}{{% endfor %}}{{% if add_generation_prompt %}}"
                 f"{{{{ {_literal(self.role_header('assistant'))} }}}}{{% else %}}{{{{ {_literal(self.end)} }}}}{{% endif %}}")
 
-    @classmethod
-    def from_jinja(cls, source: str, special_tokens: Iterable[str], *, bos_token: str | None = None,
-                   eos_token: str | None = None, name: str | None = None) -> ChatTemplate:
-        """The format of a model's role-wrapped Jinja template, read off its renderings (`llm.chat_jinja.derive`)."""
-        # Imported here: llm.chat_jinja builds ChatTemplates, so it imports this module.
-        from llm.chat_jinja import derive
-
-        return derive(source, special_tokens, bos_token=bos_token, eos_token=eos_token, name=name)
 
 
 def _literal(text: str) -> str:

@@ -16,7 +16,7 @@ tensor when a file has no such keys.
 
 The tokenizer is the file's byte-level BPE (`tokenizer.ggml.*`) converted to a
 tiktoken encoding (`llm/hf_tokenizer.py`) and its chat template read as data
-(`ChatTemplate.from_jinja`); our own format is kept exactly under `llm.chat_template`.
+(`chat_jinja.derive`); our own format is kept exactly under `llm.chat_template`.
 A prompt starts with the file's BOS iff `tokenizer.ggml.add_bos_token`, as in
 llama.cpp (`Tokenizer.prompt_start`); an export writes that flag from ours.
 """

@@ -26,6 +26,7 @@ from typing import Any
 
 import tiktoken
 
+from llm import chat_jinja
 from llm.chat_format import ChatTemplate, ChatTemplateError
 from llm.encodings import (
     ENDOFTEXT,
@@ -203,7 +204,7 @@ def read_chat_template(source: str, special: Mapping[str, int], bos: str | None,
     None rather than an error: the model still loads and samples as a base model; chatting then says it has no format.
     """
     try:
-        return ChatTemplate.from_jinja(source, special, bos_token=bos, eos_token=eos, name=name)
+        return chat_jinja.derive(source, special, bos_token=bos, eos_token=eos, name=name)
     except ChatTemplateError as e:
         warnings.warn(f"{where}: {e}; it loads without a chat format", stacklevel=2)
         return None

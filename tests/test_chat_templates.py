@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from llm import hf_tokenizer
+from llm import chat_jinja, hf_tokenizer
 from llm.bpe import read_texts
 from llm.chat_format import ChatTemplate, ChatTemplateError
 
@@ -131,7 +131,7 @@ def test_derived_formats_are_data():
                "<|endoftext|>"]
 
     def derive(name, bos="<s>", eos="</s>"):
-        return ChatTemplate.from_jinja((TEMPLATES / f"{name}.jinja").read_text(), special, bos_token=bos,
+        return chat_jinja.derive((TEMPLATES / f"{name}.jinja").read_text(), special, bos_token=bos,
                                        eos_token=eos, name=name)
 
     assert derive("zephyr-7b-beta") == ChatTemplate("zephyr-7b-beta", "<|{role}|>\n", "</s>\n")
@@ -143,20 +143,20 @@ def test_derived_formats_are_data():
     small = derive("phi-3-small-8k-instruct", "<|endoftext|>", "<|endoftext|>")
     assert small.end == "<|endoftext|>" and small.begin == "<|endoftext|>"
     with pytest.raises(ChatTemplateError, match="jinja2 cannot parse it"):
-        ChatTemplate.from_jinja("{% for m in messages %}", special, name="broken")
+        chat_jinja.derive("{% for m in messages %}", special, name="broken")
     with pytest.raises(ChatTemplateError, match="rendering 'uaua' fails .TemplateError: no."):
-        ChatTemplate.from_jinja("{{ raise_exception('no') }}", special, name="refuses")
+        chat_jinja.derive("{{ raise_exception('no') }}", special, name="refuses")
 
 
 @pytest.mark.parametrize("name", ["zephyr-7b-beta", "mixtral-8x7b-instruct-v0.1", "phi-3-small-8k-instruct"])
 def test_a_derived_format_exports_as_jinja_that_derives_back(name):
     special = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"]
     bos, eos = ("<|endoftext|>",) * 2 if "phi" in name else ("<s>", "</s>")
-    template = ChatTemplate.from_jinja((TEMPLATES / f"{name}.jinja").read_text(), special, bos_token=bos,
+    template = chat_jinja.derive((TEMPLATES / f"{name}.jinja").read_text(), special, bos_token=bos,
                                        eos_token=eos, name=name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = ChatTemplate.from_jinja(template.to_jinja(), special, bos_token=bos, eos_token=eos, name=name)
+        again = chat_jinja.derive(template.to_jinja(), special, bos_token=bos, eos_token=eos, name=name)
     assert again == template
 
 

@@ -23,7 +23,7 @@ from launch import chat as chat_cli
 from launch import export as export_cli
 from launch import sample as sample_cli
 from launch import sampling_flags
-from llm import gguf, gguf_export, hf, hf_tokenizer, model
+from llm import chat_jinja, gguf, gguf_export, hf, hf_tokenizer, model
 from llm.bpe import read_texts, train_bpe
 from llm.chat_format import OUR_CHAT, ChatTemplate, ChatTemplateError
 from llm.generate import Engine, SamplingParams
@@ -486,7 +486,7 @@ def test_llama3_template_is_read_from_its_jinja(tiny_tok):
                "<|end_header_id|>": 303, "<|eot_id|>": 304}
     jinja = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
              "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}")
-    template = ChatTemplate.from_jinja(jinja, special, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    template = chat_jinja.derive(jinja, special, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     assert template == ChatTemplate("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
                                     begin="<|begin_of_text|>")
     enc = tiktoken.Encoding("l3", pat_str=hf_tokenizer.LLAMA3_SPLIT_PATTERN,
@@ -498,7 +498,7 @@ def test_llama3_template_is_read_from_its_jinja(tiny_tok):
     assert tok.end_of_turn == 304 and tok.bos == [300] and tok.eot == 301
     assert tok.document_start == [300]  # documents start with Llama 3's BOS, not its end-of-text
     with pytest.raises(ChatTemplateError, match="chat template .unnamed.: its first user turn opens unlike"):
-        ChatTemplate.from_jinja("{{ messages }}", special)
+        chat_jinja.derive("{{ messages }}", special)
 
 
 def test_tokenizer_with_a_foreign_template_saves_and_loads(tmp_path):
