@@ -97,7 +97,8 @@ PAGES = {  # url -> (payload bytes, content type)
                                  "text/html; charset=utf-8"),
     "http://garden.example.org/tomatoes": (page("Tomatoes", GARDEN), "text/html; charset=utf-8"),
     "http://menu.example.org/": (MENU, "text/html; charset=utf-8"),
-    "http://short.example.org/": (page("Hi", ["Welcome to my page."]), "text/html; charset=utf-8"),
+    "http://short.example.org/": (page("Hi", ["Welcome to my home page. I am a student and I like to write about the books I read, "
+                                                           "the music I play and the weather in my town."]), "text/html; charset=utf-8"),
     "http://cafe.example.org/latin1": (page("Café", CAFE), "text/html; charset=iso-8859-1"),
     "http://img.example.org/logo.png": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8, "image/png"),
 }

@@ -49,8 +49,9 @@ def steps(workdir: str) -> list[dict]:
     for job in JOBS:
         for step in merged_stats(workdir, job):
             stats = step["stats"]
-            row = {"job": job, "step": step["name"].split(": ", 1)[-1], "seconds": step["time_stats"]["total"]
-                   if step.get("time_stats") else 0.0}
+            time_stats = step.get("time_stats") or {}
+            row = {"job": job, "step": step["name"].split(": ", 1)[-1], "seconds": time_stats.get("total", 0.0),
+                   "time": {k: time_stats[k] for k in ("total", "n", "mean", "max") if k in time_stats}}
             if "total" in stats:
                 row["in"] = _count(stats["total"])
             if "documents" in stats and "READER" in step["name"]:
