@@ -278,3 +278,16 @@ def test_launcher_reports_a_missing_input_as_one_error_line(tmp_path):
     proc = launch_refine(tmp_path / "w", f"--config.input.paths={tmp_path}/none/*.warc.gz")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and out.strip().splitlines()[-1].startswith("error: no WARC files at")
+
+
+def test_slurm_jobs_depend_on_each_other_in_fineweb_order(tmp_path):
+    config = load_config(CONFIG, [f"--config.input.paths={tmp_path}/*.warc.gz", "--config.executor.kind=slurm",
+                                  "--config.executor.slurm.partition=cpu"])
+    build_warc(tmp_path / "a.warc.gz")
+    jobs = recipe.executors(config, str(tmp_path / "w"))  # built, not submitted
+    assert [type(j).__name__ for j in jobs] == ["SlurmPipelineExecutor"] * 5
+    assert [j.world_size for j in jobs] == [2, 2, 14, 1, 2]  # buckets: one task per MinHash bucket
+    assert all(later.depends is earlier for earlier, later in zip(jobs, jobs[1:]))
+    with pytest.raises(UserError, match="executor.kind"):
+        recipe.executors(load_config(CONFIG, [f"--config.input.paths={tmp_path}/*.warc.gz",
+                                              "--config.executor.kind=dask"]), str(tmp_path / "w"))
