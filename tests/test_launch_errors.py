@@ -25,6 +25,7 @@ def _mistake(capsys, entry, *args) -> str:
     return err.removeprefix("error: ").strip()
 
 
+@pytest.mark.slow
 def test_commands_print_one_error_line_and_no_traceback(tmp_path):
     # As a new user runs them: a real `python -m`, so the exit status and stderr are the terminal's.
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -22,6 +22,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_command_serves_a_release(tmp_path):
     prompt = [TOKENIZER.eot, *TOKENIZER.encode("Once upon")]
     cfg, params = scripted_gpt2(script(prompt, [*TOKENIZER.encode(" a time."), TOKENIZER.eot]))

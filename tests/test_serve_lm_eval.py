@@ -22,6 +22,7 @@ pytest.importorskip("tenacity")  # lm-eval's API models need it (its `api` extra
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "evals", "evals", "arc_easy_validation.jsonl")
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_loglikelihoods_equal_launch_evals():
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
