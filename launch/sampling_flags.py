@@ -7,6 +7,7 @@ import sys
 
 from llm.generate import SamplingParams
 from llm.release import load_release
+from llm.serve.stream import TextDeltas
 
 
 def add_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -38,34 +39,23 @@ def sampling_params(args: argparse.Namespace, stop_token_ids: tuple[int, ...], n
 class Printer:
     """Streams one sample's text to the terminal as its tokens arrive; `finish` writes what it held back.
 
-    Shows whole characters only, no stop tokens, and nothing from a stop string on:
-    text that may be the start of a stop string waits until the sample goes on or ends.
-    (A stop string inside a tool's output, which does not stop the engine, pauses the
-    stream until `finish`.)
+    The text is the server's stream (`llm.serve.stream.TextDeltas`): whole characters only,
+    no stop tokens, and nothing from a stop string on (text that may begin one waits until
+    the sample goes on or ends).
     """
 
     def __init__(self, tokenizer, hide: tuple[int, ...] = (), stop_strings: tuple[str, ...] = ()):
-        self.tokenizer, self.hide, self.stop_strings = tokenizer, set(hide), stop_strings
-        self.hold = max(map(len, stop_strings), default=1) - 1  # characters that may begin a stop string
-        self.tokens, self.shown = [], ""
+        self.deltas = TextDeltas(tokenizer, stop_strings, frozenset(hide))
 
     def __call__(self, prompt_index: int, sample_index: int, token: int) -> None:
-        if token in self.hide:
-            return
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character before judging stop strings
-            return
-        cuts = [text.find(stop) for stop in self.stop_strings if stop in text]
-        text = text[: min(cuts)] if cuts else text[: len(text) - self.hold]
-        if len(text) > len(self.shown):
-            self._write(text)
+        self._write(self.deltas.push(token))
 
     def finish(self, text: str) -> None:
         """Writes the rest of the sample's final text (`Sample.text`, which the shown text begins)."""
-        self._write(text)
+        self._write(self.deltas.finish(text))
 
-    def _write(self, text: str) -> None:
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
+    @staticmethod
+    def _write(delta: str) -> None:
+        if delta:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
