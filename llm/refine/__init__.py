@@ -5,3 +5,6 @@ skips, offline language ID and URL filtering, token counts with our tokenizer, F
 `recipe.py` turns a config into datatrove executors; `report.py` writes `report.md` and `stats.json`.
 Needs the `refine` extra.
 """
+
+# The recipe's datatrove jobs in the order they run (each depends on the one before): the report's rows too.
+JOBS = ("base", "minhash_signatures", "minhash_buckets", "minhash_clusters", "output")

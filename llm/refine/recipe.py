@@ -24,9 +24,8 @@ import ml_collections
 import pyarrow as pa
 
 from llm.errors import UserError
-from llm.refine import blocks
+from llm.refine import JOBS, blocks
 
-JOBS = ("base", "minhash_signatures", "minhash_buckets", "minhash_clusters", "output")
 FINEWEB_SCHEMA = pa.schema([("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
                             ("date", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
                             ("language_score", pa.float64()), ("token_count", pa.int64())])

@@ -13,7 +13,7 @@ import gzip
 import json
 import os
 
-from llm.refine.recipe import JOBS
+from llm.refine import JOBS
 
 # FineWeb's published removal shares (Penedo et al. 2024, the FineWeb blog post and paper), each with
 # what it was measured on. Quoted, not re-measured here; check them against the paper before citing.
