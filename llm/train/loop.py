@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from llm import sharding
 from llm.checkpoint import Checkpointer
 from llm.config import EXECUTION_FIELDS, ModelConfig
+from llm.errors import UserError
 from llm.release import save_release
 from llm.tokenizer import Tokenizer
 from llm.train.logs import Writers, duration, first_logged, write_report
@@ -204,8 +205,8 @@ def run(stage_name: str, build_stage: Callable[[ml_collections.ConfigDict, str],
         print(f"resumed from step {start} in {workdir}")
         if stage.restore is not None:
             if restored.stage_state is None:
-                raise ValueError(f"checkpoint step {start} in {workdir} holds no {stage_name} state to resume "
-                                 f"(written before stages saved theirs); use a new --workdir")
+                raise UserError(f"checkpoint step {start} in {workdir} holds no {stage_name} state to resume "
+                                f"(written before stages saved theirs); use a new --workdir")
             stage.restore(restored.stage_state, start)
     elif stage.initial_params is not None:
         _check_shapes(stage.initial_params, layout.abstract()[0], config.init_from)
