@@ -175,7 +175,7 @@ def test_each_page_lands_where_fineweb_puts_it(refined):
 @pytest.mark.slow
 def test_output_is_fineweb_schema_and_a_training_source(refined):
     from llm.data.sources import open_source
-    from llm.refine.blocks import FINEWEB_COLUMNS
+    from llm.data.sources import FINEWEB_COLUMNS
     from llm.tokenizer import Tokenizer
 
     table = pq.read_table(glob.glob(os.path.join(refined, "output", "*.parquet"))[0])
@@ -186,7 +186,9 @@ def test_output_is_fineweb_schema_and_a_training_source(refined):
     assert row["language"] == "en" and row["dump"] == "CC-MAIN-TEST" and row["id"].startswith("<urn:uuid:")
     assert row["token_count"] == len(Tokenizer.load("gpt2").encode(row["text"]))
     source = open_source(os.path.join(refined, "output"))  # launch.train / launch.prepare read it as it is
-    assert source is not None
+    texts = [text for chunk in source.chunks() for text in source.read(chunk).texts]
+    written = [t for f in glob.glob(os.path.join(refined, "output", "*.parquet")) for t in pq.read_table(f)["text"].to_pylist()]
+    assert texts and sorted(texts) == sorted(written)
 
 
 @pytest.mark.slow

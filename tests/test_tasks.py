@@ -207,4 +207,4 @@ def test_arithmetic_problems_are_right_held_out_and_graded_by_their_final_answer
     assert {p.key.split()[1] for p in train} == {"+", "-", "*"}
     p = next(q for q in test if q.answer.startswith("-"))
     assert arithmetic.grade(p, f"so #### {p.answer}") and not arithmetic.grade(p, p.answer)
-    assert arithmetic.reward(p, "#### 1,000") == float(p.answer == "1000")
+    assert arithmetic.grade(p, "#### 1,000") == (p.answer == "1000")

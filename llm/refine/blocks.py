@@ -194,9 +194,6 @@ class TokenCount(PipelineStep):
             yield doc
 
 
-FINEWEB_COLUMNS = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score", "token_count")
-
-
 def fineweb_row(writer, document: Document) -> dict:
     """One row in FineWeb's schema (`HuggingFaceFW/fineweb` parquet): exactly its nine columns."""
     meta = document.metadata

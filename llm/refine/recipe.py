@@ -23,12 +23,13 @@ import os
 import ml_collections
 import pyarrow as pa
 
+from llm.data.sources import FINEWEB_COLUMNS
 from llm.errors import UserError
 from llm.refine import JOBS, blocks
 
-FINEWEB_SCHEMA = pa.schema([("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
-                            ("date", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-                            ("language_score", pa.float64()), ("token_count", pa.int64())])
+# FineWeb's columns (the ones `llm.data.sources` reads), typed: all strings but the two numbers.
+_TYPES = {"language_score": pa.float64(), "token_count": pa.int64()}
+FINEWEB_SCHEMA = pa.schema([(name, _TYPES.get(name, pa.string())) for name in FINEWEB_COLUMNS])
 
 
 def split_input(spec: str) -> tuple[str, str | None]:

@@ -123,7 +123,9 @@ def create_app(load: Callable[[], tuple[Any, Any, Any]], *, model_name: str, too
             raise APIError(400, str(error), "messages") from None
         check_prompt(s, prompt, "messages")
         limit = body.limit()
-        plan = make_plan(s, body, [prompt], s.cfg.max_seq_len - len(prompt) if limit is None else limit,
+        # Without a limit, the context's: the engine stops each row at the context anyway, and one default for
+        # every prompt length lets such requests share an engine call (the budget is part of the batch key).
+        plan = make_plan(s, body, [prompt], s.cfg.max_seq_len if limit is None else limit,
                          s.tokenizer.chat_stop_ids, max_slots)
         head = R.envelope("chat.completion.chunk" if body.stream else "chat.completion", R.new_id("chatcmpl"),
                           model_name)

@@ -1,8 +1,8 @@
 """A sample's text as it streams: deltas that never split a UTF-8 character nor show a stop string.
 
-The same rule as the terminal's `launch.sampling_flags.Printer` (which writes to stdout,
-and which `llm/` may not import): hold back text that may begin a stop string and a
-trailing partial character, so the deltas joined equal the final text exactly.
+The terminal's `launch.sampling_flags.Printer` writes these same deltas to stdout. Text
+that may begin a stop string and a trailing partial character are held back, so the
+deltas joined equal the final text exactly.
 Tool control tokens show as fenced blocks (how chat UIs show code-interpreter calls),
 never as raw `<|python_start|>`-style tokens.
 """

@@ -115,7 +115,7 @@ def options_of(name: str, /) -> tuple[str, ...]:
 
 
 def load(name: str, /, **options: Any) -> Task:
-    """The task `name` with the options its loader documents; it reads each of its files at most once."""
+    """The task `name` with the options its loader documents; its problems are read on first use, once."""
     takes = options_of(name)
     unknown = [k for k in options if k not in takes and k not in GENERIC]
     if unknown:
@@ -142,15 +142,3 @@ def find(data_dir: str, local: str, hub_id: str) -> str:
     """`data_dir/local` when it exists, else the Hugging Face hub id."""
     path = os.path.join(data_dir, local)
     return path if data_dir and os.path.exists(path) else hub_id
-
-
-def once(read: Callable[[], Any]) -> Callable[[], Any]:
-    """`read` called on first use only, its result kept: a task reads each of its files at most once."""
-    cache: list = []
-
-    def get():
-        if not cache:
-            cache.append(read())
-        return cache[0]
-
-    return get

@@ -68,9 +68,6 @@ def grade(problem: Problem, completion: str) -> bool:
     return extract_answer(completion) == problem.answer
 
 
-def reward(problem: Problem, completion: str) -> float:
-    return float(grade(problem, completion))
-
 
 def conversations(n: int, *, seed: int = 0, split: str = "train", digits: tuple[int, int] = (2, 4),
                   test_fraction: float = 0.1) -> list[tuple[str, list[Message]]]:

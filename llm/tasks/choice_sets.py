@@ -26,6 +26,7 @@ mmlu, each of kind "choice" (scored by log-likelihood, `llm.evals.multiple_choic
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -35,7 +36,7 @@ from typing import Any
 
 from llm.data.hub import hub_dataset_files
 from llm.errors import DataError
-from llm.tasks import MultipleChoice, Task, check_split, draw, find, once
+from llm.tasks import MultipleChoice, Task, check_split, draw, find
 
 LETTERS = "ABCDEFGHIJ"
 CHAT_INSTRUCTION = "Answer with the letter of the correct choice only."
@@ -198,7 +199,7 @@ def mmlu(source: str, *, dev: str = "", shots: int = 0, chat: bool = False, limi
 
 
 def _task(name: str, split: str, read: Callable[[], list[MultipleChoice]]) -> Task:
-    read = once(read)
+    read = functools.cache(read)
 
     def sample(split_: str, count: int | None = 0, seed: int = 0) -> list[MultipleChoice]:
         check_split(name, split_, (split,))

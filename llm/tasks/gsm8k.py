@@ -21,6 +21,7 @@ reasoning that never concluded.
 
 from __future__ import annotations
 
+import functools
 import decimal
 import gzip
 import json
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from llm.errors import DataError
-from llm.tasks import Message, Problem, Task, check_split, draw, find, once
+from llm.tasks import Message, Problem, Task, check_split, draw, find
 from llm.tasks.choice_sets import read_records
 from llm.tools import Calculator
 
@@ -114,7 +115,8 @@ def problems(source: str, *, fewshot: Sequence[dict] = (), limit: int | None = N
 def load(path: str = "", eval_path: str = "", data_dir: str = "", shots: int = 0, chat: bool = False,
          limit: int | None = None) -> Task:
     """GSM8K: train problems from `path`, test ones from `eval_path` (else `path`), each else `data_dir`'s
-    gsm8k/{train,test}.jsonl or the hub's openai/gsm8k; each file is read on first use, once.
+    gsm8k/{train,test}.jsonl or the hub's openai/gsm8k; the problems of each split are read on first
+    use, once (SFT's conversations, which a mixture asks for once, read their file when asked).
 
     A base model's text starts with the first `shots` solved train records (none
     with `chat`); `limit` keeps the first records of each split. A count draws
@@ -131,9 +133,10 @@ def load(path: str = "", eval_path: str = "", data_dir: str = "", shots: int = 0
             raise ValueError(f"task 'gsm8k' was given no {split} file (path, or data_dir)")
         return sources[split]
 
-    fewshot = once(lambda: read_records(source("train"), split="train", subset="main")[:shots]
-                   if shots and not chat else [])
-    read = {split: once(lambda split=split: problems(source(split), fewshot=fewshot(), limit=limit, split=split))
+    fewshot = functools.cache(lambda: read_records(source("train"), split="train", subset="main")[:shots]
+                              if shots and not chat else [])
+    read = {split: functools.cache(lambda split=split: problems(source(split), fewshot=fewshot(), limit=limit,
+                                                                split=split))
             for split in SPLITS}
 
     def sample(split: str, count: int | None = 0, seed: int = 0) -> list[Problem]:

@@ -30,6 +30,7 @@ is right, a refusal, or a hallucination (wrong and not refusing).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -37,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm.tasks import Problem, Task, check_split, draw, find, once
+from llm.tasks import Problem, Task, check_split, draw, find
 
 # The instruction every question is asked with (system message), before and after fine-tuning alike.
 SYSTEM = "Answer the question in one short sentence."
@@ -196,7 +197,7 @@ def problems(source: str, *, skip: int = 0, limit: int | None = None, split: str
 
 def _load(name: str, local: str, hub_id: str, config: str, path: str, data_dir: str, limit: int | None) -> Task:
     source = path or find(data_dir, local, hub_id)
-    read = once(lambda: problems(source, limit=limit, config=config))
+    read = functools.cache(lambda: problems(source, limit=limit, config=config))
 
     def sample(split: str, count: int | None = 0, seed: int = 0) -> list[Problem]:
         check_split(name, split, ("validation",))

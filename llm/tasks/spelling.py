@@ -159,9 +159,6 @@ def grade(problem: Problem, completion: str) -> bool:
     return extract_answer(completion) == problem.answer
 
 
-def reward(problem: Problem, completion: str) -> float:
-    return float(grade(problem, completion))
-
 
 def words_file(data_dir: str) -> str:
     """The word list under `data_dir/words/` (words_alpha.zip, or its .txt)."""
